@@ -1,0 +1,1 @@
+"""Engine and scheduler configuration (pydantic, frozen). The operator renders it; engines read it once."""

@@ -1,0 +1,1 @@
+"""dualpath_engine.workload."""

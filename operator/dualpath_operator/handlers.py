@@ -1,0 +1,1 @@
+"""Kopf registrations only: every handler calls :mod:`dualpath_operator.reconcile`."""

@@ -1,0 +1,1 @@
+"""One idempotent reconcile pass of a DualPathCluster: gather -> plan -> apply -> status."""

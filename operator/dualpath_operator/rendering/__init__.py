@@ -1,0 +1,1 @@
+"""PURE rendering: Kubernetes manifests (plain dicts) of every child object, from spec + plan."""
