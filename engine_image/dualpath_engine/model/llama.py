@@ -1,0 +1,242 @@
+"""A small Llama-style decoder (RMSNorm, RoPE, GQA, SwiGLU) with a layer-wise forward over external KV.
+
+Called by ``model.runner`` (the engines' torch runner) and by tests. The forward is split so that a
+caller can supply each layer's cached KV only when that layer is about to run: ``embed`` ->
+``layer_forward`` for l = 0..L-1 -> ``logits``. That is what lets KV loading overlap compute.
+
+KV layout per layer and token: ``[2 (K, V), num_kv_heads, head_dim]`` in the model dtype, K after RoPE
+(absolute positions). As bytes that is ``Geometry.kv_bytes_per_token_layer`` bytes per token, which is
+the ``bytes`` axis of the Layer Block ``[1, tokens, bytes]`` and Full Block ``[layers, tokens, bytes]``
+layouts of ``dualpath_engine.kv``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """The torch dtype for a configuration name such as ``bfloat16``; ValueError names the choices."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown model dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """The shape of the decoder; built from ``dualpath_engine.config.ModelConfig`` by ``model.loader``."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    dtype: torch.dtype
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def kv_elements_per_token_layer(self) -> int:
+        """K and V elements one token stores for one layer."""
+        return 2 * self.num_kv_heads * self.head_dim
+
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        """Bytes one token's K and V take for one layer (the ``bytes`` axis of a Layer Block)."""
+        return self.kv_elements_per_token_layer * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One sequence's slice of a layer batch: ``length`` new tokens after ``cached`` tokens of KV."""
+
+    cached: int
+    length: int
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation with a learned scale, computed in float32."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) of ``x`` [tokens, heads, head_dim] at absolute ``positions``."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=x.device, dtype=torch.float32) / half))
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos = angles.cos()[:, None, :]
+    sin = angles.sin()[:, None, :]
+    x1 = x[..., :half].float()
+    x2 = x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention (GQA) + SwiGLU MLP."""
+
+    def __init__(self, geo: Geometry) -> None:
+        super().__init__()
+        self.geo = geo
+        self.attn_norm = RMSNorm(geo.hidden_size, geo.norm_eps)
+        self.wq = nn.Linear(geo.hidden_size, geo.num_heads * geo.head_dim, bias=False)
+        self.wk = nn.Linear(geo.hidden_size, geo.num_kv_heads * geo.head_dim, bias=False)
+        self.wv = nn.Linear(geo.hidden_size, geo.num_kv_heads * geo.head_dim, bias=False)
+        self.wo = nn.Linear(geo.num_heads * geo.head_dim, geo.hidden_size, bias=False)
+        self.mlp_norm = RMSNorm(geo.hidden_size, geo.norm_eps)
+        self.w_gate = nn.Linear(geo.hidden_size, geo.intermediate_size, bias=False)
+        self.w_up = nn.Linear(geo.hidden_size, geo.intermediate_size, bias=False)
+        self.w_down = nn.Linear(geo.intermediate_size, geo.hidden_size, bias=False)
+
+    def forward(
+        self, hidden: torch.Tensor, segments: Sequence[Segment], cached_kv: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the layer over concatenated new tokens; return (hidden, new KV [tokens, 2, kv_heads, hd]).
+
+        ``cached_kv[i]`` is segment i's KV [cached, 2, kv_heads, head_dim] for this layer.
+        """
+        geo = self.geo
+        tokens = hidden.shape[0]
+        x = self.attn_norm(hidden)
+        q = self.wq(x).view(tokens, geo.num_heads, geo.head_dim)
+        k = self.wk(x).view(tokens, geo.num_kv_heads, geo.head_dim)
+        v = self.wv(x).view(tokens, geo.num_kv_heads, geo.head_dim)
+        positions = torch.cat(
+            [torch.arange(s.cached, s.cached + s.length, device=hidden.device) for s in segments]
+        )
+        q = rope(q, positions, geo.rope_theta)
+        k = rope(k, positions, geo.rope_theta)
+        new_kv = torch.stack((k, v), dim=1)
+        outs = []
+        start = 0
+        group = geo.num_heads // geo.num_kv_heads
+        for seg, past in zip(segments, cached_kv, strict=True):
+            end = start + seg.length
+            kv = torch.cat((past.to(new_kv.dtype), new_kv[start:end]), dim=0)
+            keys = kv[:, 0].repeat_interleave(group, dim=1).transpose(0, 1)
+            values = kv[:, 1].repeat_interleave(group, dim=1).transpose(0, 1)
+            query = q[start:end].transpose(0, 1)
+            key_pos = torch.arange(seg.cached + seg.length, device=hidden.device)
+            mask = key_pos[None, :] <= positions[start:end, None]
+            attn = functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
+            outs.append(attn.transpose(0, 1).reshape(seg.length, geo.num_heads * geo.head_dim))
+            start = end
+        hidden = hidden + self.wo(torch.cat(outs, dim=0))
+        y = self.mlp_norm(hidden)
+        hidden = hidden + self.w_down(functional.silu(self.w_gate(y)) * self.w_up(y))
+        return hidden, new_kv
+
+
+class Decoder(nn.Module):
+    """The whole model; ``init_weights(seed)`` gives the same weights on every machine."""
+
+    def __init__(self, geo: Geometry) -> None:
+        super().__init__()
+        self.geo = geo
+        self.embed = nn.Embedding(geo.vocab_size, geo.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(geo) for _ in range(geo.num_layers))
+        self.norm = RMSNorm(geo.hidden_size, geo.norm_eps)
+        self.lm_head = nn.Linear(geo.hidden_size, geo.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Seeded random init on the CPU in float32 (device independent), then cast in place.
+
+        Linear weights are N(0, 1/fan_in) so activations and logits stay O(1) at any width: greedy
+        choices then have clear margins and do not flip on rounding noise between batch shapes.
+        """
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, param in sorted(self.named_parameters()):
+            if name.endswith("norm.weight"):
+                values = torch.ones(param.shape)
+            elif name == "embed.weight":
+                values = torch.randn(param.shape, generator=gen)
+            else:
+                values = torch.randn(param.shape, generator=gen) / math.sqrt(param.shape[1])
+            param.copy_(values.to(param.dtype))
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states [tokens, hidden] for token ids [tokens]."""
+        return typing.cast(torch.Tensor, self.embed(ids))
+
+    def layer_forward(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        segments: Sequence[Segment],
+        cached_kv: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer over external KV; see :meth:`DecoderLayer.forward`."""
+        block = typing.cast(DecoderLayer, self.layers[layer])
+        return block.forward(hidden, segments, cached_kv)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [rows, vocab] for final hidden rows."""
+        return typing.cast(torch.Tensor, self.lm_head(self.norm(hidden))).float()
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Plain full forward of one sequence from scratch: logits [tokens, vocab] (the reference)."""
+        hidden = self.embed_tokens(ids)
+        seg = [Segment(cached=0, length=ids.shape[0])]
+        empty = self.empty_kv(0, ids.device)
+        for layer in range(self.geo.num_layers):
+            hidden, _ = self.layer_forward(layer, hidden, seg, [empty])
+        return self.logits(hidden)
+
+    def empty_kv(self, tokens: int, device: torch.device) -> torch.Tensor:
+        """A KV tensor [tokens, 2, kv_heads, head_dim] of this model's dtype (uninitialised)."""
+        geo = self.geo
+        return torch.empty((tokens, 2, geo.num_kv_heads, geo.head_dim), dtype=geo.dtype, device=device)
+
+
+@torch.no_grad()
+def greedy_reference(model: Decoder, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+    """Greedy generation with NO cache at all: every step recomputes the whole sequence.
+
+    The slowest and simplest possible generator; every cached path must reproduce its tokens.
+    """
+    device = next(model.parameters()).device
+    ids = list(prompt)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor(ids, dtype=torch.long, device=device))
+        token = int(torch.argmax(logits[-1]).item())
+        out.append(token)
+        ids.append(token)
+    return out

@@ -1,0 +1,193 @@
+"""The torch implementation of ``dualpath_engine.engine.runner.ModelRunner``.
+
+Built by ``dualpath_engine.__main__`` and injected into the prefill/decode loops, which stay torch-free.
+Prefill is layer-wise over external KV handed in as host ``uint8`` arrays; decode keeps each sequence's
+KV on the device in a per-sequence tensor ``[layers, capacity, 2, kv_heads, head_dim]`` that grows by
+doubling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from dualpath_engine.engine import runner as runner_api
+from dualpath_engine.model import llama
+
+
+def kv_to_host(kv: torch.Tensor) -> runner_api.KVArray:
+    """A KV tensor [..., tokens, 2, kv_heads, head_dim] as host bytes [..., tokens, bytes]."""
+    flat = kv.contiguous().reshape(*kv.shape[:-3], -1)
+    return flat.view(torch.uint8).cpu().numpy()
+
+
+def kv_from_host(data: runner_api.KVArray, geo: llama.Geometry, device: torch.device) -> torch.Tensor:
+    """Host bytes [..., tokens, bytes] as a KV tensor [..., tokens, 2, kv_heads, head_dim] on ``device``."""
+    if data.dtype != np.uint8 or data.shape[-1] != geo.kv_bytes_per_token_layer:
+        raise runner_api.RunnerError(
+            f"KV array has dtype {data.dtype} and {data.shape[-1] if data.ndim else 0} bytes per token; "
+            f"expected uint8 with {geo.kv_bytes_per_token_layer}"
+        )
+    shape = (*data.shape[:-1], 2, geo.num_kv_heads, geo.head_dim)
+    if data.size == 0:
+        return torch.empty(shape, dtype=geo.dtype, device=device)
+    array = data if data.flags.c_contiguous and data.flags.writeable else np.array(data, order="C")
+    host = torch.from_numpy(array)
+    typed = host.view(geo.dtype).reshape(shape)
+    return typed.to(device, non_blocking=False)
+
+
+class TorchPrefillPass:
+    """A layer-wise forward over one batch (see ``runner_api.PrefillPass``)."""
+
+    def __init__(self, model: llama.Decoder, device: torch.device, items: Sequence[runner_api.PrefillItem]):
+        if not items or any(not item.new_token_ids for item in items):
+            raise runner_api.RunnerError("a prefill batch needs at least one item, each with new tokens")
+        self._model = model
+        self._device = device
+        self._items = list(items)
+        self._segments = [llama.Segment(item.cached_tokens, len(item.new_token_ids)) for item in items]
+        ids = [token for item in items for token in item.new_token_ids]
+        with torch.no_grad():
+            self._hidden = model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=device))
+        self._next_layer = 0
+
+    def run_layer(self, layer: int, cached_kv: Sequence[runner_api.KVArray]) -> list[runner_api.KVArray]:
+        """Compute one layer; ``cached_kv[i]`` is item i's ``[cached_tokens, bytes]`` KV of the layer."""
+        if layer != self._next_layer:
+            raise runner_api.RunnerError(f"prefill layer {layer} out of order; expected {self._next_layer}")
+        if len(cached_kv) != len(self._items):
+            raise runner_api.RunnerError(f"{len(cached_kv)} cached KV arrays for {len(self._items)} items")
+        geo = self._model.geo
+        past = []
+        for item, data in zip(self._items, cached_kv, strict=True):
+            if data.shape[0] != item.cached_tokens:
+                raise runner_api.RunnerError(
+                    f"{item.seq_id}: layer {layer} KV has {data.shape[0]} tokens, "
+                    f"expected {item.cached_tokens}"
+                )
+            past.append(kv_from_host(data, geo, self._device))
+        with torch.no_grad():
+            self._hidden, new_kv = self._model.layer_forward(layer, self._hidden, self._segments, past)
+        host = kv_to_host(new_kv)
+        self._next_layer += 1
+        out = []
+        start = 0
+        for seg in self._segments:
+            out.append(host[start : start + seg.length])
+            start += seg.length
+        return out
+
+    def finish(self) -> list[int]:
+        """Greedy next token after each item's last new token (all layers must have run)."""
+        if self._next_layer != self._model.geo.num_layers:
+            raise runner_api.RunnerError(
+                f"finish after {self._next_layer} of {self._model.geo.num_layers} layers"
+            )
+        ends = np.cumsum([seg.length for seg in self._segments]) - 1
+        with torch.no_grad():
+            logits = self._model.logits(self._hidden[torch.as_tensor(ends, device=self._device)])
+        return [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
+
+
+class TorchRunner:
+    """``runner_api.ModelRunner`` on a torch device (CPU or CUDA)."""
+
+    def __init__(self, model: llama.Decoder, device: torch.device) -> None:
+        self._model = model.to(device).eval()
+        self._device = device
+        self._kv: dict[str, torch.Tensor] = {}
+        self._len: dict[str, int] = {}
+
+    @property
+    def model(self) -> llama.Decoder:
+        """The decoder this runner drives."""
+        return self._model
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers."""
+        return self._model.geo.num_layers
+
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        """KV bytes per token per layer."""
+        return self._model.geo.kv_bytes_per_token_layer
+
+    def begin_prefill(self, items: Sequence[runner_api.PrefillItem]) -> TorchPrefillPass:
+        """Start a layer-wise prefill pass."""
+        return TorchPrefillPass(self._model, self._device, items)
+
+    def _reserve(self, seq_id: str, tokens: int) -> torch.Tensor:
+        store = self._kv.get(seq_id)
+        if store is not None and store.shape[1] >= tokens:
+            return store
+        capacity = max(64, 1 << (max(tokens, 1) - 1).bit_length())
+        geo = self._model.geo
+        grown = torch.empty(
+            (geo.num_layers, capacity, 2, geo.num_kv_heads, geo.head_dim),
+            dtype=geo.dtype,
+            device=self._device,
+        )
+        if store is not None:
+            grown[:, : self._len[seq_id]] = store[:, : self._len[seq_id]]
+        self._kv[seq_id] = grown
+        return grown
+
+    def load_sequence(self, seq_id: str, kv: runner_api.KVArray) -> None:
+        """Put a sequence's KV ``[layers, tokens, bytes]`` on the device, replacing any earlier KV."""
+        if kv.ndim != 3 or kv.shape[0] != self.num_layers:
+            raise runner_api.RunnerError(
+                f"{seq_id}: KV shape {kv.shape} is not [{self.num_layers}, tokens, bytes]"
+            )
+        self.release(seq_id)
+        tokens = kv.shape[1]
+        store = self._reserve(seq_id, tokens + 1)
+        store[:, :tokens] = kv_from_host(kv, self._model.geo, self._device)
+        self._len[seq_id] = tokens
+
+    def decode(self, steps: Sequence[tuple[str, int]]) -> list[int]:
+        """One decode step for each ``(seq_id, token)``; each sequence at most once per call."""
+        if not steps:
+            return []
+        seq_ids = [seq for seq, _ in steps]
+        if len(set(seq_ids)) != len(seq_ids):
+            raise runner_api.RunnerError("a decode step lists a sequence twice")
+        unknown = [seq for seq in seq_ids if seq not in self._len]
+        if unknown:
+            raise runner_api.RunnerError(f"decode of unknown sequences {unknown}")
+        stores = [self._reserve(seq, self._len[seq] + 1) for seq in seq_ids]
+        lengths = [self._len[seq] for seq in seq_ids]
+        segments = [llama.Segment(cached=n, length=1) for n in lengths]
+        ids = torch.tensor([token for _, token in steps], dtype=torch.long, device=self._device)
+        with torch.no_grad():
+            hidden = self._model.embed_tokens(ids)
+            for layer in range(self.num_layers):
+                past = [store[layer, :n] for store, n in zip(stores, lengths, strict=True)]
+                hidden, new_kv = self._model.layer_forward(layer, hidden, segments, past)
+                for i, (store, n) in enumerate(zip(stores, lengths, strict=True)):
+                    store[layer, n] = new_kv[i]
+            logits = self._model.logits(hidden)
+        for seq in seq_ids:
+            self._len[seq] += 1
+        return [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
+
+    def sequence_length(self, seq_id: str) -> int:
+        """Tokens of KV held for ``seq_id``."""
+        if seq_id not in self._len:
+            raise runner_api.RunnerError(f"unknown sequence {seq_id}")
+        return self._len[seq_id]
+
+    def read_kv(self, seq_id: str, start: int, end: int) -> runner_api.KVArray:
+        """Host copy of tokens ``start..end-1``: ``[layers, end-start, bytes]``."""
+        length = self.sequence_length(seq_id)
+        if not 0 <= start <= end <= length:
+            raise runner_api.RunnerError(f"{seq_id}: range {start}..{end} outside 0..{length}")
+        return kv_to_host(self._kv[seq_id][:, start:end])
+
+    def release(self, seq_id: str) -> None:
+        """Free a sequence's device KV."""
+        self._kv.pop(seq_id, None)
+        self._len.pop(seq_id, None)
