@@ -1,0 +1,1 @@
+"""Tests of dualpath_engine.server."""
