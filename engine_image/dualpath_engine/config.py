@@ -373,6 +373,30 @@ class SchedulerConfig(_Frozen):
     )
     model: ModelConfig = pydantic.Field(default_factory=ModelConfig, description="Model (for tokenizing).")
     kv: KVConfig = pydantic.Field(default_factory=KVConfig, description="KV block size and storage.")
+    engine_timeout_s: float = pydantic.Field(
+        default=10.0,
+        gt=0,
+        description="A group whose leader has not fetched for this long is lost; its requests are re-queued.",
+    )
+    max_attempts: int = pydantic.Field(
+        default=3, ge=1, le=100, description="Attempts per request (engine loss or error) before it fails."
+    )
+    drain_timeout_s: float = pydantic.Field(
+        default=60.0,
+        gt=0,
+        description="A role switch waits this long for in-flight work, then re-queues what is left.",
+    )
+    max_waiting_requests: int = pydantic.Field(
+        default=10000, ge=1, description="Requests waiting for engines beyond this are refused with 503."
+    )
+    default_storage_capacity_bytes_per_s: float = pydantic.Field(
+        default=25e9,
+        gt=0,
+        description="Usable storage-NIC capacity assumed for nodes without a pushed weight (weights-aware).",
+    )
+    prefix_index_max_blocks: int = pydantic.Field(
+        default=1_000_000, ge=1, description="Most block hashes the scheduler's prefix index remembers (LRU)."
+    )
 
 
 def _read_document(path: str | os.PathLike[str] | None, what: str) -> dict[str, Any]:
