@@ -14,7 +14,7 @@ pytestmark = [
 
 
 def test_cuda_backend_without_cuda_fails_with_a_clear_reason() -> None:
-    with pytest.raises(cuda.CudaUnavailableError, match="CUDA is not available.*use device 'cpu'"):
+    with pytest.raises(cuda.CudaUnavailableError, match=r"CUDA is not available.*use device 'cpu'"):
         cuda.PinnedArena(1 << 20, 1 << 16)
     with pytest.raises(cuda.CudaUnavailableError):
         cuda.require_cuda()
