@@ -1,0 +1,629 @@
+"""The desired state of a DualPathCluster: ``DualPathClusterSpec`` and its sections.
+
+This module is the only source of the CRD's ``spec`` schema (``dualpath_operator.crdgen`` turns it
+into OpenAPI). Single-field limits are pydantic constraints (they become minimum/maximum/pattern/enum);
+cross-field checks are CEL rules attached with ``json_schema_extra`` so the API server enforces them
+on ``kubectl apply``; the same rules are mirrored as pydantic validators where the operator relies on
+them. Every CEL message names the offending field(s) by its path under ``spec``.
+
+Defaults rule (also in docs/api.md): a scalar has a schema default when one value is right for almost
+every cluster (``kvBlockTokens: 64``, ``computeQuotaMs: 300``, intervals); a section whose fields all
+have defaults defaults to ``{}`` so the API server fills in its fields; anything that names a
+user's thing (model, image, volume, NIC resource names) or whose absence means "not set" has none.
+
+Read by the planner and renderer through ``dualpath_operator.api.v1alpha1.cluster.DualPathCluster``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import ConfigDict, Field, model_validator
+
+from dualpath_operator.api.v1alpha1 import common, corev1
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class ModelDtype(StrEnum):
+    """Element type of the model weights and of the KV cache."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class ModelGeometry(common.ApiModel):
+    """Shape of the project's Llama-style decoder (RMSNorm, RoPE, GQA, SwiGLU).
+
+    The defaults describe a small model that runs on CPU; set realistic numbers of layers and KV heads
+    to make the KV bytes per token (and so the storage traffic) realistic while compute stays small.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra=common.schema_extra(
+            validations=[
+                common.rule(
+                    "self.numHeads % self.numKvHeads == 0",
+                    "spec.model.geometry.numHeads must be a multiple of spec.model.geometry.numKvHeads",
+                    field_path=".numKvHeads",
+                )
+            ]
+        )
+    )
+
+    num_layers: int = Field(4, ge=1, le=256, description="Number of decoder layers.")
+    hidden_size: int = Field(256, ge=8, le=65536, description="Width of the residual stream.")
+    num_heads: int = Field(4, ge=1, le=256, description="Number of query attention heads.")
+    num_kv_heads: int = Field(
+        2, ge=1, le=256, description="Number of key/value heads (grouped-query attention); divides numHeads."
+    )
+    head_dim: int = Field(64, ge=8, le=1024, description="Width of one attention head.")
+    intermediate_size: int = Field(
+        1024, ge=8, le=262144, description="Width of the SwiGLU feed-forward hidden layer."
+    )
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    seed: int = Field(
+        0, ge=0, le=2**31 - 1, description="Seed of the random weights when spec.model.source is 'random'."
+    )
+
+    @model_validator(mode="after")
+    def _gqa(self) -> ModelGeometry:
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError("numHeads must be a multiple of numKvHeads")
+        return self
+
+
+class ModelSpec(common.ApiModel):
+    """The model every engine of the cluster serves and the geometry of its KV cache."""
+
+    model_config = ConfigDict(
+        json_schema_extra=common.schema_extra(
+            validations=[
+                common.rule(
+                    "self.maxContextTokens % self.kvBlockTokens == 0",
+                    "spec.model.maxContextTokens must be a multiple of spec.model.kvBlockTokens",
+                    field_path=".maxContextTokens",
+                )
+            ]
+        )
+    )
+
+    name: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.:/]*$",
+        description="Model name reported by the OpenAI-compatible API (the 'model' field of requests).",
+    )
+    source: str = Field(
+        min_length=1,
+        max_length=512,
+        pattern=r"^(random|[-A-Za-z0-9_./]+\.safetensors)$",
+        description=(
+            "Where the weights come from: 'random' (random weights from geometry.seed, no download) or "
+            "the path of a .safetensors file relative to spec.storage.mountPath."
+        ),
+    )
+    dtype: ModelDtype = Field(
+        ModelDtype.BFLOAT16,
+        description=(
+            "Element type of weights and KV cache; float32 on CPU. Immutable: stored KV blocks are "
+            "written in this type."
+        ),
+        json_schema_extra=common.schema_extra(
+            validations=[
+                common.rule(
+                    "self == oldSelf",
+                    "spec.model.dtype is immutable: stored KV blocks use it; create a new DualPathCluster",
+                )
+            ]
+        ),
+    )
+    tensor_parallel: int = Field(
+        1, ge=1, le=16, description="GPUs one engine spans; divides prefill.gpusPerPod and decode.gpusPerPod."
+    )
+    kv_block_tokens: int = Field(
+        64,
+        ge=16,
+        le=1024,
+        multiple_of=16,
+        description=(
+            "Tokens per KV block (the unit of storage, hashing and transfer; the paper uses 64). "
+            "Immutable: a change invalidates every stored block and the prefix index."
+        ),
+        json_schema_extra=common.schema_extra(
+            validations=[
+                common.rule(
+                    "self == oldSelf",
+                    "spec.model.kvBlockTokens is immutable: a change invalidates every stored KV block; "
+                    "create a new DualPathCluster",
+                )
+            ]
+        ),
+    )
+    max_context_tokens: int = Field(
+        32768, ge=64, le=4194304, description="Longest context (prompt plus output) a request may reach."
+    )
+    geometry: ModelGeometry = Field(
+        default_factory=ModelGeometry,
+        description="Shape of the decoder; defaults describe a small CPU-friendly model.",
+        json_schema_extra=common.schema_extra(default={}),
+    )
+
+    @model_validator(mode="after")
+    def _context(self) -> ModelSpec:
+        if self.max_context_tokens % self.kv_block_tokens != 0:
+            raise ValueError("maxContextTokens must be a multiple of kvBlockTokens")
+        return self
+
+
+# -------------------------------------------------------------------------------------------- engine
+
+
+class PullPolicy(StrEnum):
+    """When the kubelet pulls the engine image."""
+
+    ALWAYS = "Always"
+    IF_NOT_PRESENT = "IfNotPresent"
+    NEVER = "Never"
+
+
+class EngineSpec(common.ApiModel):
+    """The engine image and process settings shared by prefill engines, decode engines and scheduler."""
+
+    image: str = Field(
+        min_length=1,
+        max_length=512,
+        pattern=r"^\S+$",
+        description="Engine image (runs the engines and the scheduler), e.g. registry/dualpath-engine:0.1.0.",
+    )
+    pull_policy: PullPolicy = Field(PullPolicy.IF_NOT_PRESENT, description="Image pull policy.")
+    extra_args: list[Annotated[str, Field(max_length=1024)]] | None = Field(
+        None,
+        max_length=64,
+        description="Extra command-line arguments appended to every engine process.",
+    )
+    env: list[corev1.EnvVar] | None = Field(
+        None,
+        max_length=64,
+        description="Extra environment variables of the engine containers; DUALPATH_* names are reserved.",
+        json_schema_extra=common.schema_extra(list_type="map", list_map_keys=["name"]),
+    )
+    port: int = Field(8000, ge=1024, le=65535, description="TCP port of each engine's HTTP API and metrics.")
+
+
+# ----------------------------------------------------------------------------------------- scheduler
+
+
+class SchedulingPolicy(StrEnum):
+    """Which side reads KV from storage."""
+
+    DUALPATH = "dualpath"
+    PE_ONLY = "pe-only"
+    DE_ONLY = "de-only"
+
+
+class SchedulerSpec(common.ApiModel):
+    """The central scheduler: request routing, read-side choice, OpenAI-compatible front door."""
+
+    replicas: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Scheduler replicas. Must be 1 in v1alpha1: the scheduler keeps per-request and per-engine "
+            "state in memory; a highly available scheduler is planned for a later version."
+        ),
+        json_schema_extra=common.schema_extra(
+            validations=[
+                common.rule(
+                    "self == 1",
+                    "spec.scheduler.replicas must be 1 in v1alpha1 (scheduler HA comes in a later version)",
+                )
+            ]
+        ),
+    )
+    policy: SchedulingPolicy = Field(
+        SchedulingPolicy.DUALPATH,
+        description=(
+            "dualpath: per request, the side with the shorter read queue reads (paper section 6); "
+            "pe-only: prefill engines always read (the baseline); de-only: decode engines always read."
+        ),
+    )
+    alpha_tokens: int = Field(
+        65536,
+        ge=1,
+        description="Alpha (paper 6.2): read-queue tokens above which a node counts as read-busy.",
+    )
+    beta_tokens: int = Field(
+        131072,
+        ge=1,
+        description="Beta (paper 6.2): queued tokens above which a prefill engine gets no new work.",
+    )
+    compute_quota_ms: int = Field(
+        300, ge=10, le=10000, description="Predicted attention time per prefill batch in ms (paper: 300)."
+    )
+    weights_aware_read_side: bool = Field(
+        False, description="Choose the read side with the operator's per-node path weights, not queues alone."
+    )
+    split_reads: bool = Field(
+        False, description="Allow one request's KV read to be split between the prefill and decode sides."
+    )
+    port: int = Field(8000, ge=1024, le=65535, description="TCP port of the scheduler's HTTP API.")
+    resources: corev1.ResourceRequirements | None = Field(
+        None, description="CPU and memory of the scheduler container."
+    )
+    api_key_secret_ref: corev1.SecretKeySelector | None = Field(
+        None, description="Secret key holding the API key clients must send; the API is open when unset."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- roles
+
+_RESERVED_RESOURCES_RULE = (
+    "!has(self.resources) || ((!has(self.resources.limits) || !('nvidia.com/gpu' in self.resources.limits))"
+    " && (!has(self.resources.requests) || !('nvidia.com/gpu' in self.resources.requests)))"
+)
+
+
+def _role_rules(role: str) -> dict[str, Any]:
+    return common.schema_extra(
+        validations=[
+            common.rule(
+                "self.min <= self.max",
+                f"spec.{role}.min must be less than or equal to spec.{role}.max",
+                field_path=".min",
+            ),
+            common.rule(
+                "self.gpusPerPod <= 8 || self.gpusPerPod == 16",
+                f"spec.{role}.gpusPerPod must be 1 to 8, or 16",
+                field_path=".gpusPerPod",
+            ),
+            common.rule(
+                _RESERVED_RESOURCES_RULE,
+                f"spec.{role}.resources must not set nvidia.com/gpu: the operator requests gpusPerPod GPUs",
+                field_path=".resources",
+            ),
+        ]
+    )
+
+
+class RoleSpec(common.ApiModel):
+    """Bounds and placement of one role's engine groups (one engine pod per node, gpusPerPod GPUs)."""
+
+    min: int = Field(1, ge=1, le=1024, description="Fewest engine groups (pods) of this role.")
+    max: int = Field(8, ge=1, le=1024, description="Most engine groups (pods) of this role.")
+    gpus_per_pod: int = Field(
+        8, ge=1, le=16, description="GPUs of one engine group (pod): 1 to 8, or 16; one engine per GPU."
+    )
+    resources: corev1.ResourceRequirements | None = Field(
+        None,
+        description="CPU and memory of each engine pod; GPUs and NICs are added from gpusPerPod and network.",
+    )
+    node_selector: dict[str, str] | None = Field(
+        None, max_length=32, description="Node labels the engine pods of this role require."
+    )
+    tolerations: list[corev1.Toleration] | None = Field(
+        None, max_length=32, description="Taints the engine pods of this role tolerate."
+    )
+    affinity: corev1.Affinity | None = Field(
+        None, description="Extra scheduling constraints, merged with the operator's one-pod-per-node rule."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RoleSpec:
+        if self.min > self.max:
+            raise ValueError("min must be less than or equal to max")
+        if self.gpus_per_pod > 8 and self.gpus_per_pod != 16:
+            raise ValueError("gpusPerPod must be 1 to 8, or 16")
+        return self
+
+
+class PrefillSpec(RoleSpec):
+    """Bounds and placement of the prefill engine groups."""
+
+    model_config = ConfigDict(json_schema_extra=_role_rules("prefill"))
+
+
+class DecodeSpec(RoleSpec):
+    """Bounds and placement of the decode engine groups."""
+
+    model_config = ConfigDict(json_schema_extra=_role_rules("decode"))
+
+
+class RatioMode(StrEnum):
+    """Who decides the number of prefill and decode groups."""
+
+    FIXED = "Fixed"
+    AUTO = "Auto"
+
+
+class RatioSpec(common.ApiModel):
+    """The prefill:decode ratio: exact counts (Fixed) or chosen by the planner within bounds (Auto)."""
+
+    mode: RatioMode = Field(
+        RatioMode.FIXED,
+        description=(
+            "Fixed: run exactly ratio.prefill and ratio.decode groups. Auto: the planner picks counts "
+            "within [min, max] of each role and gpuBudget, starting from ratio.prefill/decode when set."
+        ),
+    )
+    prefill: int | None = Field(
+        None, ge=0, le=1024, description="Prefill engine groups; required with mode Fixed, a start with Auto."
+    )
+    decode: int | None = Field(
+        None, ge=0, le=1024, description="Decode engine groups; required with mode Fixed, a start with Auto."
+    )
+    gpu_budget: int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description="Most GPUs all engine groups together may use; unbounded (but for max) when unset.",
+    )
+
+
+# -------------------------------------------------------------------------------------------- network
+
+
+class NetworkMode(StrEnum):
+    """How GPUs and NICs are allocated to engine pods."""
+
+    DEVICE_PLUGIN = "DevicePlugin"
+
+
+class ComputeNicSpec(common.ApiModel):
+    """The compute (RDMA) NICs carrying engine-to-engine KV transfers: one VF per GPU."""
+
+    resource_name: common.ExtendedResourceName = Field(
+        description="Device-plugin resource of one compute-NIC VF, e.g. nvidia.com/sriov_rdma."
+    )
+    per_gpu: int = Field(1, ge=1, le=8, description="Compute-NIC resources requested per GPU.")
+    networks: list[common.NetworkRef] | None = Field(
+        None,
+        max_length=16,
+        description="Multus NetworkAttachmentDefinitions (name or namespace/name) attached to engine pods.",
+        json_schema_extra=common.schema_extra(list_type="set"),
+    )
+
+
+class StorageNicSpec(common.ApiModel):
+    """The storage NIC (SNIC) of each node, through which engines read KV from storage."""
+
+    resource_name: common.ExtendedResourceName = Field(
+        description="Device-plugin resource of the storage NIC, e.g. rdma/hca_shared_devices_a."
+    )
+    count: int = Field(1, ge=1, le=8, description="Storage-NIC resources requested per engine pod.")
+    gbps: int = Field(
+        400, ge=1, le=3200, description="Line rate of one storage NIC in Gbit/s (the path-weight capacity)."
+    )
+    networks: list[common.NetworkRef] | None = Field(
+        None,
+        max_length=16,
+        description="Multus NetworkAttachmentDefinitions of the storage network attached to each engine pod.",
+        json_schema_extra=common.schema_extra(list_type="set"),
+    )
+
+
+class TrafficClassSpec(common.ApiModel):
+    """RoCE traffic class / InfiniBand service level used to isolate KV traffic (docs/operations.md)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=common.schema_extra(
+            validations=[
+                common.rule(
+                    "self.kvTrafficClass != self.modelTrafficClass",
+                    "spec.network.trafficClass.kvTrafficClass must differ from "
+                    "spec.network.trafficClass.modelTrafficClass",
+                    field_path=".kvTrafficClass",
+                )
+            ]
+        )
+    )
+
+    kv_traffic_class: int = Field(
+        104,
+        ge=0,
+        le=255,
+        description="Traffic class of KV-cache transfers (lower priority than model traffic).",
+    )
+    model_traffic_class: int = Field(
+        106, ge=0, le=255, description="Traffic class of the model's own collectives (latency-critical)."
+    )
+
+
+class NetworkSpec(common.ApiModel):
+    """The RDMA NICs engine pods request; open to a later DRA mode (GPU and NIC claims on one PCIe root)."""
+
+    mode: NetworkMode = Field(
+        NetworkMode.DEVICE_PLUGIN,
+        description=(
+            "DevicePlugin: GPUs and NICs as extended resources, aligned by the kubelet's Topology Manager. "
+            "A DynamicResourceAllocation mode is planned."
+        ),
+    )
+    compute_nic: ComputeNicSpec = Field(description="Compute NICs, one VF per GPU.")
+    storage_nic: StorageNicSpec = Field(description="Storage NIC of each node.")
+    traffic_class: TrafficClassSpec = Field(
+        default_factory=TrafficClassSpec,
+        description="Traffic classes separating KV traffic from model traffic.",
+        json_schema_extra=common.schema_extra(default={}),
+    )
+
+
+# -------------------------------------------------------------------------------------------- storage
+
+
+class StorageSpec(common.ApiModel):
+    """The KV-cache store every engine mounts, and the host buffers engines stage KV in."""
+
+    volume: dict[str, Any] = Field(
+        min_length=1,
+        max_length=1,
+        description=(
+            "A Kubernetes volume source with exactly one key, e.g. {persistentVolumeClaim: {claimName: kv}}, "
+            "{nfs: {...}}, {hostPath: {path: /mnt/3fs}} or a CSI volume (3FS). Passed to the pod unchanged."
+        ),
+    )
+    mount_path: str = Field(
+        "/var/lib/dualpath/kv",
+        min_length=2,
+        max_length=256,
+        pattern=r"^/[-A-Za-z0-9_./]*[-A-Za-z0-9_.]$",
+        description="Where the volume is mounted in engine pods.",
+    )
+    buffer_gib: int = Field(
+        4,
+        alias="bufferGiB",
+        ge=1,
+        le=4096,
+        description="Pinned host memory per engine group for staging KV, in GiB (added to the pod's memory).",
+    )
+
+
+# ------------------------------------------------------------------------------------------ telemetry
+
+
+class TelemetrySource(StrEnum):
+    """Where the operator reads NIC and engine telemetry."""
+
+    PROMETHEUS = "Prometheus"
+    SCRAPE = "Scrape"
+
+
+class TelemetryQueries(common.ApiModel):
+    """PromQL overrides for source Prometheus; unset entries use the operator's built-in queries."""
+
+    snic_read_bytes: str | None = Field(
+        None,
+        max_length=2048,
+        description="Per-node storage-NIC receive rate in bytes/s, labelled by node.",
+    )
+    cnic_bytes: str | None = Field(
+        None, max_length=2048, description="Per-node compute-NIC transmit+receive rate in bytes/s, by node."
+    )
+    ttft_seconds: str | None = Field(
+        None, max_length=2048, description="Time to first token (p90), in seconds."
+    )
+    tpot_seconds: str | None = Field(
+        None, max_length=2048, description="Time per output token (p90), in seconds."
+    )
+
+
+class TelemetrySpec(common.ApiModel):
+    """How the operator samples the telemetry the rebalancer needs."""
+
+    model_config = ConfigDict(
+        json_schema_extra=common.schema_extra(
+            validations=[
+                common.rule(
+                    "self.source != 'Prometheus' || has(self.prometheusUrl)",
+                    "spec.telemetry.prometheusUrl is required when spec.telemetry.source is Prometheus",
+                    field_path=".prometheusUrl",
+                ),
+                common.rule(
+                    "duration(self.window) >= duration(self.interval)",
+                    "spec.telemetry.window must be at least spec.telemetry.interval",
+                    field_path=".window",
+                ),
+            ]
+        )
+    )
+
+    source: TelemetrySource = Field(
+        TelemetrySource.SCRAPE,
+        description="Scrape: read engine /metrics directly. Prometheus: query prometheusUrl with PromQL.",
+    )
+    prometheus_url: str | None = Field(
+        None,
+        max_length=512,
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="Base URL of the Prometheus HTTP API, e.g. http://prometheus.monitoring:9090.",
+    )
+    queries: TelemetryQueries | None = Field(None, description="PromQL overrides for source Prometheus.")
+    interval: common.Duration = Field(
+        "15s",
+        description="Sampling period, e.g. 15s.",
+        json_schema_extra=common.schema_extra(
+            validations=[
+                common.rule("duration(self) >= duration('1s')", "spec.telemetry.interval must be at least 1s")
+            ]
+        ),
+    )
+    window: common.Duration = Field(
+        "1m", description="Rate window; samples older than this count as stale. At least interval."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TelemetrySpec:
+        if self.source is TelemetrySource.PROMETHEUS and self.prometheus_url is None:
+            raise ValueError("prometheusUrl is required when source is Prometheus")
+        if common.parse_duration(self.window) < common.parse_duration(self.interval):
+            raise ValueError("window must be at least interval")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ rebalance
+
+
+class RebalanceMode(StrEnum):
+    """How a ratio change moves an engine group from one role to the other."""
+
+    ROLE_SWITCH = "RoleSwitch"
+    RECREATE = "Recreate"
+
+
+class SloSpec(common.ApiModel):
+    """Latency objectives the ratio planner holds the cluster to."""
+
+    ttft_ms: int = Field(ge=1, le=600000, description="Target time to first token (p90), in ms.")
+    tpot_ms: int = Field(ge=1, le=60000, description="Target time per output token (p90), in ms.")
+
+
+class RebalanceSpec(common.ApiModel):
+    """The continuous rebalancer: per-node path weights and (with ratio.mode Auto) the P/D ratio."""
+
+    model_config = ConfigDict(
+        json_schema_extra=common.schema_extra(
+            validations=[
+                common.rule(
+                    "duration(self.cooldown) >= duration(self.interval)",
+                    "spec.rebalance.cooldown must be at least spec.rebalance.interval",
+                    field_path=".cooldown",
+                )
+            ]
+        )
+    )
+
+    enabled: bool = Field(True, description="Update path weights and (Auto) the ratio from live telemetry.")
+    interval: common.Duration = Field(
+        "30s",
+        description="Period of a rebalance decision, e.g. 30s (at least 5s).",
+        json_schema_extra=common.schema_extra(
+            validations=[
+                common.rule("duration(self) >= duration('5s')", "spec.rebalance.interval must be at least 5s")
+            ]
+        ),
+    )
+    cooldown: common.Duration = Field(
+        "5m", description="Least time between two ratio changes; at least interval."
+    )
+    stabilization_windows: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Consecutive intervals a ratio signal must hold before it acts (hysteresis).",
+    )
+    max_step: int = Field(1, ge=1, le=64, description="Most engine groups moved by one ratio change.")
+    mode: RebalanceMode = Field(
+        RebalanceMode.ROLE_SWITCH,
+        description="RoleSwitch: a drained engine flips role in place, no model reload. Recreate: new pod.",
+    )
+    slo: SloSpec | None = Field(
+        None, description="Latency objectives; without them the planner balances load."
+    )
+
+    @model_validator(mode="after")
+    def _cooldown(self) -> RebalanceSpec:
+        if common.parse_duration(self.cooldown) < common.parse_duration(self.interval):
+            raise ValueError("cooldown must be at least interval")
+        return self
