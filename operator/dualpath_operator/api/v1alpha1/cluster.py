@@ -9,6 +9,7 @@ a pydantic validator, so a body that passed the API server also parses here.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -156,6 +157,12 @@ def spec_problems(s: DualPathClusterSpec) -> list[str]:
     return [rule[1] for ok, rule in checks if not ok]
 
 
+NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+"""A DualPathCluster's name is a DNS-1035 label: its scheduler Service is named after it."""
+MAX_NAME_LENGTH = 40
+"""Longest DualPathCluster name, leaving room for the suffixes of child objects (e.g. -prefill-12)."""
+
+
 class DualPathCluster(common.ApiModel):
     """A DualPath prefill/decode inference cluster: scheduler, prefill and decode engines, rebalancer."""
 
@@ -163,9 +170,9 @@ class DualPathCluster(common.ApiModel):
         json_schema_extra=common.schema_extra(
             validations=[
                 common.rule(
-                    "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"
-                    " && size(self.metadata.name) <= 40",
-                    "metadata.name must be a DNS-1035 label of at most 40 characters "
+                    f"self.metadata.name.matches('{NAME_PATTERN}')"
+                    f" && size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+                    f"metadata.name must be a DNS-1035 label of at most {MAX_NAME_LENGTH} characters "
                     "(child Services and pods append suffixes to it)",
                 )
             ]
@@ -185,3 +192,16 @@ class DualPathCluster(common.ApiModel):
     status: statuses.DualPathClusterStatus | None = Field(
         None, description="Observed state of the cluster, written by the operator."
     )
+
+    @model_validator(mode="after")
+    def _name(self) -> DualPathCluster:
+        name = self.metadata.get("name")
+        if name is not None and (
+            not isinstance(name, str)
+            or len(name) > MAX_NAME_LENGTH
+            or re.fullmatch(NAME_PATTERN, name) is None
+        ):
+            raise ValueError(
+                f"metadata.name must be a DNS-1035 label of at most {MAX_NAME_LENGTH} characters"
+            )
+        return self

@@ -93,6 +93,16 @@ NETWORK_REF_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9]*[a-
 NetworkRef = Annotated[str, Field(pattern=NETWORK_REF_PATTERN, min_length=1, max_length=127)]
 """A Multus NetworkAttachmentDefinition reference (``name`` or ``namespace/name``)."""
 
+
+def _unique(items: list[str]) -> list[str]:
+    if len(items) != len(set(items)):
+        raise ValueError("entries must be unique")
+    return items
+
+
+NetworkRefs = Annotated[list[NetworkRef], AfterValidator(_unique)]
+"""A set of NetworkAttachmentDefinition references (no duplicates; ``x-kubernetes-list-type: set``)."""
+
 REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 """A machine-readable UpperCamelCase reason, as in ``metav1.Condition``."""
 

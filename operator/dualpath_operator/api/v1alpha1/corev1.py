@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from dualpath_operator.api.v1alpha1 import common
 
@@ -79,6 +79,12 @@ class Toleration(common.ApiModel):
         ge=0,
         description="With effect NoExecute: seconds the pod stays bound after the taint appears.",
     )
+
+    @model_validator(mode="after")
+    def _exists_has_no_value(self) -> Toleration:
+        if self.operator is TolerationOperator.EXISTS and self.value:
+            raise ValueError("value must be empty when operator is Exists")
+        return self
 
 
 class NodeSelectorOperator(StrEnum):
@@ -256,8 +262,16 @@ class EnvVarSource(common.ApiModel):
     config_map_key_ref: ConfigMapKeySelector | None = Field(None, description="A key of a ConfigMap.")
     field_ref: ObjectFieldSelector | None = Field(None, description="A field of the pod.")
 
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVarSource:
+        if sum(x is not None for x in (self.secret_key_ref, self.config_map_key_ref, self.field_ref)) != 1:
+            raise ValueError("set exactly one of secretKeyRef, configMapKeyRef, fieldRef")
+        return self
+
 
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+RESERVED_ENV_PREFIX = "DUALPATH_"
+"""Environment variables the operator sets on engine pods (role, group, node, host, port, scheduler URL)."""
 
 
 class EnvVar(common.ApiModel):
@@ -271,7 +285,7 @@ class EnvVar(common.ApiModel):
                     "env[].value and env[].valueFrom are mutually exclusive",
                 ),
                 common.rule(
-                    "!self.name.startsWith('DUALPATH_')",
+                    f"!self.name.startsWith('{RESERVED_ENV_PREFIX}')",
                     "env[].name must not start with DUALPATH_: the operator sets those variables",
                     field_path=".name",
                 ),
@@ -284,3 +298,11 @@ class EnvVar(common.ApiModel):
     value_from: EnvVarSource | None = Field(
         None, description="Value taken from a Secret, ConfigMap or pod field."
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("value and valueFrom are mutually exclusive")
+        if self.name.startswith(RESERVED_ENV_PREFIX):
+            raise ValueError(f"names starting with {RESERVED_ENV_PREFIX} are set by the operator")
+        return self

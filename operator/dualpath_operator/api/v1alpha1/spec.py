@@ -192,6 +192,13 @@ class EngineSpec(common.ApiModel):
     )
     port: int = Field(8000, ge=1024, le=65535, description="TCP port of each engine's HTTP API and metrics.")
 
+    @model_validator(mode="after")
+    def _unique_env(self) -> EngineSpec:
+        names = [e.name for e in self.env or ()]
+        if len(names) != len(set(names)):
+            raise ValueError("env names must be unique")
+        return self
+
 
 # ----------------------------------------------------------------------------------------- scheduler
 
@@ -257,8 +264,17 @@ class SchedulerSpec(common.ApiModel):
         None, description="Secret key holding the API key clients must send; the API is open when unset."
     )
 
+    @model_validator(mode="after")
+    def _single_replica(self) -> SchedulerSpec:
+        if self.replicas != 1:
+            raise ValueError("replicas must be 1 in v1alpha1 (scheduler HA comes in a later version)")
+        return self
+
 
 # ---------------------------------------------------------------------------------------------- roles
+
+GPU_RESOURCE = "nvidia.com/gpu"
+"""The GPU resource engine pods request (gpusPerPod of it); users may not set it in role resources."""
 
 _RESERVED_RESOURCES_RULE = (
     "!has(self.resources) || ((!has(self.resources.limits) || !('nvidia.com/gpu' in self.resources.limits))"
@@ -316,6 +332,10 @@ class RoleSpec(common.ApiModel):
             raise ValueError("min must be less than or equal to max")
         if self.gpus_per_pod > 8 and self.gpus_per_pod != 16:
             raise ValueError("gpusPerPod must be 1 to 8, or 16")
+        if self.resources is not None and any(
+            GPU_RESOURCE in (amounts or {}) for amounts in (self.resources.limits, self.resources.requests)
+        ):
+            raise ValueError(f"resources must not set {GPU_RESOURCE}: the operator requests gpusPerPod GPUs")
         return self
 
 
@@ -378,7 +398,7 @@ class ComputeNicSpec(common.ApiModel):
         description="Device-plugin resource of one compute-NIC VF, e.g. nvidia.com/sriov_rdma."
     )
     per_gpu: int = Field(1, ge=1, le=8, description="Compute-NIC resources requested per GPU.")
-    networks: list[common.NetworkRef] | None = Field(
+    networks: common.NetworkRefs | None = Field(
         None,
         max_length=16,
         description="Multus NetworkAttachmentDefinitions (name or namespace/name) attached to engine pods.",
@@ -396,7 +416,7 @@ class StorageNicSpec(common.ApiModel):
     gbps: int = Field(
         400, ge=1, le=3200, description="Line rate of one storage NIC in Gbit/s (the path-weight capacity)."
     )
-    networks: list[common.NetworkRef] | None = Field(
+    networks: common.NetworkRefs | None = Field(
         None,
         max_length=16,
         description="Multus NetworkAttachmentDefinitions of the storage network attached to each engine pod.",
@@ -429,6 +449,12 @@ class TrafficClassSpec(common.ApiModel):
     model_traffic_class: int = Field(
         106, ge=0, le=255, description="Traffic class of the model's own collectives (latency-critical)."
     )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> TrafficClassSpec:
+        if self.kv_traffic_class == self.model_traffic_class:
+            raise ValueError("kvTrafficClass must differ from modelTrafficClass")
+        return self
 
 
 class NetworkSpec(common.ApiModel):
@@ -559,6 +585,8 @@ class TelemetrySpec(common.ApiModel):
             raise ValueError("prometheusUrl is required when source is Prometheus")
         if common.parse_duration(self.window) < common.parse_duration(self.interval):
             raise ValueError("window must be at least interval")
+        if common.parse_duration(self.interval) < 1:
+            raise ValueError("interval must be at least 1s")
         return self
 
 
@@ -626,4 +654,6 @@ class RebalanceSpec(common.ApiModel):
     def _cooldown(self) -> RebalanceSpec:
         if common.parse_duration(self.cooldown) < common.parse_duration(self.interval):
             raise ValueError("cooldown must be at least interval")
+        if common.parse_duration(self.interval) < 5:
+            raise ValueError("interval must be at least 5s")
         return self

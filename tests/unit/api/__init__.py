@@ -1,0 +1,1 @@
+"""Unit tests of the DualPathCluster API: models, conditions, CRD generation, examples."""
