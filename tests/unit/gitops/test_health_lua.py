@@ -14,6 +14,9 @@ import pytest
 import yaml
 from lupa import lua51
 
+from dualpath_operator.api import conditions
+from dualpath_operator.api.v1alpha1 import cluster
+
 pytestmark = pytest.mark.timeout(20)
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -76,6 +79,15 @@ def test_cases_cover_every_fixture_and_every_required_situation() -> None:
     assert statuses == {"Healthy", "Progressing", "Degraded"}
     required = {"healthy", "progressing", "degraded", "stale-observed-generation", "no-status"}
     assert required <= {Path(case["inputPath"]).stem for case in CASES}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[Path(c["inputPath"]).stem for c in CASES])
+def test_fixtures_are_objects_the_operator_can_produce(case: dict[str, Any]) -> None:
+    obj = _load(case["inputPath"])
+    cluster.DualPathCluster.model_validate(obj)
+    for condition in (obj.get("status") or {}).get("conditions") or []:
+        conditions.ConditionType(condition["type"])
+        conditions.Reason(condition["reason"])
 
 
 def test_an_unobserved_generation_hides_a_stale_healthy_status() -> None:
