@@ -20,8 +20,9 @@ from dualpath_engine.scheduler import protocol, state
 
 
 def next_token(context: Sequence[int]) -> int:
-    """The fake model: a deterministic function of the whole context (never a special token)."""
-    return (sum(context) * 31 + len(context) * 7) % 256
+    """The fake model: a deterministic function of the whole context (printable ASCII, so text
+    round-trips through the tokenizer exactly)."""
+    return 32 + (sum(context) * 31 + len(context) * 7) % 95
 
 
 def expected_output(prompt: Sequence[int], max_tokens: int) -> list[int]:
