@@ -12,7 +12,9 @@ height = blocks), moved with ONE ``cudaMemcpy2DAsync`` per run instead of one co
 If the CUDA runtime library cannot be opened through ctypes, the copier gathers the Layer Blocks into a
 pinned staging buffer (host memcpy) and issues one copy; ``method`` says which one is in use.
 
-Without CUDA every constructor raises :class:`CudaUnavailableError` with the reason.
+``PinnedArena`` implements ``transfer.base.Arena`` and ``LayerCopier`` implements
+``transfer.base.DeviceCopier``. Without CUDA every constructor raises :class:`CudaUnavailableError`
+with the reason.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from dualpath_engine.transfer import base
+
 _H2D = 1  # cudaMemcpyHostToDevice
 _D2H = 2  # cudaMemcpyDeviceToHost
 
@@ -35,8 +39,8 @@ class CudaUnavailableError(RuntimeError):
     """CUDA is required for this object but torch cannot use a GPU here; the message says why."""
 
 
-class ArenaFullError(RuntimeError):
-    """No run of free slots is long enough for an allocation."""
+ArenaFullError = base.ArenaFullError
+"""No run of free slots is long enough for an allocation (the traffic manager's common error)."""
 
 
 def require_cuda(device: torch.device | str | int | None = None) -> torch.device:

@@ -1,0 +1,81 @@
+"""Engine image entry point: ``python -m dualpath_engine engine --config F`` or ``... scheduler ...``.
+
+``engine`` reads the engine configuration once (file plus ``DUALPATH_*`` overrides from the environment,
+see ``dualpath_engine.config``), builds the torch model runner on the configured device (the one place
+torch meets the engine loops, which receive it by injection), and serves one engine group process
+(``dualpath_engine.engine.service``) until SIGTERM/SIGINT. Once bound it prints one line
+``ready {"engine": ..., "http": ..., "transport": {...}}`` on stdout (port 0 picks free ports).
+``scheduler`` hands the remaining arguments to ``dualpath_engine.scheduler.__main__``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _engine(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dualpath_engine engine", description=__doc__)
+    parser.add_argument("--config", help="engine config file (YAML or JSON); defaults if omitted")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    from dualpath_engine import config
+
+    try:
+        engine_config = config.load_engine_config(args.config, os.environ)
+    except config.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from dualpath_engine.engine import service
+    from dualpath_engine.model import loader
+    from dualpath_engine.model import runner as torch_runner
+
+    if engine_config.device == "cuda" and not torch.cuda.is_available():
+        print("error: device 'cuda' configured but torch sees no GPU; set device: cpu", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    device = (
+        torch.device("cuda", engine_config.local_rank)
+        if engine_config.device == "cuda"
+        else torch.device("cpu")
+    )
+    runner = torch_runner.TorchRunner(loader.build(engine_config.model, device), device)
+
+    def ready(info: dict[str, object]) -> None:
+        print(service.ready_line(info), flush=True)
+
+    try:
+        asyncio.run(service.serve(engine_config, runner, ready=ready))
+    except config.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch on the first argument (``engine`` or ``scheduler``); returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in ("engine", "scheduler"):
+        print("usage: python -m dualpath_engine {engine,scheduler} [--config F] [...]", file=sys.stderr)
+        return 2
+    if args[0] == "scheduler":
+        from dualpath_engine.scheduler import __main__ as scheduler_main
+
+        status = scheduler_main.main(args[1:])
+        return int(status or 0)
+    return _engine(args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

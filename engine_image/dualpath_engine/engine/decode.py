@@ -1,0 +1,319 @@
+"""The decode engine (DE) loop: DE-side storage reads streamed to the PE layer by layer, the DE buffer
+where the full prompt KV assembles, decoding of all running requests in every step, persistence of each
+Full Block as it fills, and token streaming to the scheduler (torch-free).
+
+Built by ``engine.service`` with an injected ``ModelRunner``; fed by the group leader (``assign``,
+``cancel``) and by the KV transport (``handle``). One step = schedule (every decoding request) ->
+execute (``runner.decode``) -> update (tokens, finish, block persistence, events).
+
+The DE buffer of a task is a host array ``[layers, prompt_tokens, bytes]``: DE-side hit blocks are read
+into it from storage (this node's read queue and storage NIC) and sent to the PE one layer at a time;
+the PE fills in every other token range (``PeLayer``). On ``PrefillDone`` the buffer is loaded onto the
+device and freed. The DE persists the prompt's Full Blocks that storage lacks, then every block that
+fills during decoding (paper section 4: "persisted right away"), and reports their hashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+import numpy as np
+
+from dualpath_engine import config
+from dualpath_engine import tokenizer as tok
+from dualpath_engine.engine import messages, tasks
+from dualpath_engine.engine import runner as runner_api
+from dualpath_engine.kv import hashing, layout, readqueue, storage
+from dualpath_engine.scheduler import protocol
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[protocol.TaskEvent], None]
+
+
+class ByteSender(Protocol):
+    """Something bytes leave through (the storage NIC, for block writes)."""
+
+    async def transmit(self, nbytes: int) -> None:
+        """Account ``nbytes`` sent; may wait to respect a bandwidth budget."""
+        ...
+
+
+@dataclasses.dataclass(eq=False)
+class _Task:
+    assignment: protocol.Assignment
+    sides: dict[int, protocol.Side]
+    outbox: tasks.Outbox
+    buffer: layout.ByteArray | None
+    done: messages.PrefillDone | None = None
+    generated: list[int] = dataclasses.field(default_factory=list)
+    reported: int = 0
+    hashes: list[hashing.BlockHash] = dataclasses.field(default_factory=list)
+    persisted: int = 0
+    new_hashes: list[str] = dataclasses.field(default_factory=list)
+    read_bytes_de: int = 0
+    decoding: bool = False
+    deadline: float = 0.0
+
+    @property
+    def task_id(self) -> str:
+        return self.assignment.task_id
+
+
+class DecodeEngine:
+    """One decode engine."""
+
+    def __init__(
+        self,
+        *,
+        engine_config: config.EngineConfig,
+        runner: runner_api.ModelRunner,
+        reads: readqueue.ReadQueue,
+        links: messages.PeerLinks,
+        events: EventSink,
+        storage_nic: ByteSender | None = None,
+    ) -> None:
+        self._config = engine_config
+        self._runner = runner
+        self._reads = reads
+        self._links = links
+        self._events = events
+        self._storage_nic = storage_nic
+        self._geometry = layout.BlockGeometry.from_config(engine_config.model, engine_config.kv)
+        self._root = hashing.root_hash(hashing.namespace_for(engine_config.model, engine_config.kv))
+        self._tasks: dict[str, _Task] = {}
+        self._early: dict[str, list[messages.Message]] = {}
+        self._finished: set[str] = set()
+        self._wakeup = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
+        self._persist_lock = asyncio.Lock()
+        self.steps_run = 0
+        """Decode steps executed."""
+
+    @property
+    def engine_id(self) -> str:
+        """This engine's name."""
+        return self._config.name
+
+    def load(self) -> tuple[int, int]:
+        """``(seq, tok)``: unfinished tasks and their tokens (prompt + generated)."""
+        tokens = sum(len(t.assignment.prompt_token_ids) + len(t.generated) for t in self._tasks.values())
+        return len(self._tasks), tokens
+
+    def free_kv_bytes(self) -> int:
+        """KV memory left for new requests (the configured buffer minus what running requests hold)."""
+        _, tokens = self.load()
+        return max(0, self._config.kv.host_buffer_bytes - tokens * self._geometry.bytes_per_token)
+
+    def assign(self, assignment: protocol.Assignment) -> None:
+        """Take a task (repeats are ignored); start DE-side reads."""
+        task_id = assignment.task_id
+        if task_id in self._tasks or task_id in self._finished:
+            return
+
+        async def failed(reason: str) -> None:
+            await self._fail(task_id, reason, notify_peer=False)
+
+        prompt = len(assignment.prompt_token_ids)
+        task = _Task(
+            assignment=assignment,
+            sides=tasks.read_sides(assignment, self._config.mode),
+            outbox=tasks.Outbox(self._links, assignment.prefill.transport, failed),
+            buffer=np.empty(
+                (self._geometry.num_layers, prompt, self._geometry.bytes_per_token_layer), np.uint8
+            ),
+        )
+        task.deadline = asyncio.get_running_loop().time() + tasks.peer_timeout_s(self._config) * 6
+        self._tasks[task_id] = task
+        if any(side == "de" for side in task.sides.values()):
+            self._spawn(self._read_de_side(task))
+        for message in self._early.pop(task_id, []):
+            self._accept(task, message)
+        self._spawn(self._watchdog(task))
+
+    def cancel(self, task_id: str) -> None:
+        """Drop a task."""
+        task = self._tasks.pop(task_id, None)
+        self._finished.add(task_id)
+        if task is not None:
+            task.outbox.abort()
+            if task.decoding:
+                self._runner.release(task_id)
+
+    async def handle(self, message: messages.Message) -> None:
+        """A message from a prefill engine."""
+        task = self._tasks.get(message.task_id)
+        if task is None:
+            if message.task_id not in self._finished:
+                self._early.setdefault(message.task_id, []).append(message)
+            return
+        self._accept(task, message)
+
+    def _accept(self, task: _Task, message: messages.Message) -> None:
+        if isinstance(message, messages.PeLayer):
+            if task.buffer is not None:
+                end = message.start + message.data.shape[0]
+                task.buffer[message.layer, message.start : end] = message.data
+        elif isinstance(message, messages.PrefillDone):
+            task.done = message
+            self._wakeup.set()
+        elif isinstance(message, messages.TaskAbort):
+            self._spawn(
+                self._fail(task.task_id, f"prefill engine aborted: {message.reason}", notify_peer=False)
+            )
+
+    async def _read_de_side(self, task: _Task) -> None:
+        assert task.buffer is not None
+        indices = [i for i, side in sorted(task.sides.items()) if side == "de"]
+        by_index = {block.index: block for block in task.assignment.hit_blocks}
+        outs = [layout.empty_full_block(self._geometry) for _ in indices]
+        hashes = [bytes.fromhex(by_index[i].hash) for i in indices]
+        try:
+            results = await self._reads.read(hashes, outs)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: DE-side storage read failed: %s", task.task_id, exc)
+            results = [storage.ReadResult.INVALID] * len(indices)
+        valid = [i for i, result in zip(indices, results, strict=True) if result is storage.ReadResult.HIT]
+        blocks = {i: out for i, out in zip(indices, outs, strict=True)}
+        tokens = self._geometry.block_tokens
+        prompt = len(task.assignment.prompt_token_ids)
+        for index in valid:
+            end = min((index + 1) * tokens, prompt)
+            task.buffer[:, index * tokens : end] = blocks[index][:, : end - index * tokens]
+        task.read_bytes_de = len(valid) * self._geometry.full_block_bytes
+        task.outbox.put(messages.HitReport(task.task_id, tuple(valid)))
+        for layer in range(self._geometry.num_layers):
+            data = (
+                np.concatenate([blocks[i][layer] for i in valid])
+                if valid
+                else np.zeros((0, self._geometry.bytes_per_token_layer), np.uint8)
+            )
+            task.outbox.put(messages.DeLayer(task.task_id, layer, tuple(valid), data))
+
+    async def _watchdog(self, task: _Task) -> None:
+        """Give a task up if its prefill never completes (the PE died): the scheduler retries it."""
+        loop = asyncio.get_running_loop()
+        while task.task_id in self._tasks and task.done is None:
+            if loop.time() >= task.deadline:
+                await self._fail(task.task_id, "prefill did not complete in time", notify_peer=True)
+                return
+            await asyncio.sleep(min(1.0, max(0.0, task.deadline - loop.time())))
+
+    async def run(self) -> None:
+        """The engine loop; runs until cancelled."""
+        while True:
+            self._start_ready()
+            active = [t for t in self._tasks.values() if t.decoding]
+            if not active:
+                self._wakeup.clear()
+                if not any(t.done is not None and not t.decoding for t in self._tasks.values()):
+                    await self._wakeup.wait()
+                continue
+            steps = [(t.task_id, t.generated[-1]) for t in active]
+            outputs = await asyncio.to_thread(self._runner.decode, steps)
+            self.steps_run += 1
+            for task, token in zip(active, outputs, strict=True):
+                if task.task_id in self._tasks:
+                    self._advance(task, token)
+            await asyncio.sleep(0)
+
+    def _start_ready(self) -> None:
+        for task in list(self._tasks.values()):
+            if task.done is None or task.decoding or task.buffer is None:
+                continue
+            self._runner.load_sequence(task.task_id, task.buffer)
+            task.buffer = None
+            task.decoding = True
+            self._spawn(task.outbox.close())
+            self._advance(task, task.done.first_token)
+
+    def _advance(self, task: _Task, token: int) -> None:
+        """Record one generated token: finish checks, block persistence, event."""
+        sampling = task.assignment.sampling
+        stop_ids = set(sampling.stop_token_ids) | ({tok.EOS} if not sampling.ignore_eos else set())
+        finish: protocol.FinishReason | None = None
+        if token in stop_ids:
+            finish = "stop"
+        else:
+            task.generated.append(token)
+            if len(task.generated) >= sampling.max_tokens:
+                finish = "length"
+        self._spawn(self._persist(task))
+        self._emit(task, finish)
+        if finish is not None:
+            self._tasks.pop(task.task_id, None)
+            self._finished.add(task.task_id)
+            self._spawn(self._release_after_persist(task))
+
+    async def _release_after_persist(self, task: _Task) -> None:
+        async with self._persist_lock:
+            self._runner.release(task.task_id)
+
+    def _emit(self, task: _Task, finish: protocol.FinishReason | None) -> None:
+        fresh = tuple(task.generated[task.reported :])
+        first = task.reported
+        task.reported = len(task.generated)
+        hashes, task.new_hashes = tuple(task.new_hashes), []
+        read_bytes, task.read_bytes_de = task.read_bytes_de, 0
+        self._events(
+            protocol.TaskEvent(
+                task_id=task.task_id,
+                engine_id=self.engine_id,
+                first_index=first,
+                token_ids=fresh,
+                finish_reason=finish,
+                kv_read_bytes_de=read_bytes,
+                persisted_block_hashes=hashes,
+            )
+        )
+
+    async def _persist(self, task: _Task) -> None:
+        """Write every Full Block of the sequence's KV that has filled and storage lacks."""
+        async with self._persist_lock:
+            if not task.decoding:
+                return
+            try:
+                length = self._runner.sequence_length(task.task_id)
+            except runner_api.RunnerError:
+                return
+            tokens = [*task.assignment.prompt_token_ids, *task.generated][:length]
+            block_tokens = self._geometry.block_tokens
+            while len(task.hashes) < length // block_tokens:
+                start = len(task.hashes) * block_tokens
+                parent = task.hashes[-1] if task.hashes else self._root
+                task.hashes.append(hashing.block_hash(parent, tokens[start : start + block_tokens]))
+            while task.persisted < len(task.hashes):
+                index = task.persisted
+                block = task.hashes[index]
+                if not await self._reads.store.contains(block):
+                    start = index * block_tokens
+                    data = self._runner.read_kv(task.task_id, start, start + block_tokens)
+                    if self._storage_nic is not None and self._config.mode != "oracle":
+                        await self._storage_nic.transmit(self._geometry.full_block_bytes)
+                    if await self._reads.store.write(block, data):
+                        task.new_hashes.append(block.hex())
+                task.persisted += 1
+
+    async def _fail(self, task_id: str, reason: str, *, notify_peer: bool) -> None:
+        task = self._tasks.pop(task_id, None)
+        if task is None:
+            return
+        self._finished.add(task_id)
+        task.outbox.abort()
+        if task.decoding:
+            self._runner.release(task_id)
+        log.warning("%s: decode failed: %s", task_id, reason)
+        self._events(protocol.TaskEvent(task_id=task_id, engine_id=self.engine_id, error=reason))
+        if notify_peer:
+            with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                await self._links.send(task.assignment.prefill.transport, messages.TaskAbort(task_id, reason))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -1,0 +1,220 @@
+"""One engine group process: wiring of NICs, storage, read queue, KV transport, the prefill or decode
+loop, the group leader and the HTTP endpoints (torch-free; the runner is injected).
+
+Called by ``dualpath_engine.__main__`` (``python -m dualpath_engine engine --config F``), which builds
+the torch runner. HTTP (aiohttp): ``GET /healthz`` (200 once the scheduler has answered a fetch, 503
+before) and ``GET /metrics`` (Prometheus text: NIC bytes, storage, read queue, transport and engine
+counters, all from this process's own registry). The KV transport listens on ``transport.port``.
+When ``network.sysfs_root`` is set the NIC counters are also written as a fake sysfs tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import Callable, Iterator
+
+import aiohttp
+import prometheus_client
+from aiohttp import web
+from prometheus_client import core
+
+from dualpath_engine import config
+from dualpath_engine.engine import decode, leader, links, prefill, profiling
+from dualpath_engine.engine import runner as runner_api
+from dualpath_engine.kv import layout, readqueue, storage
+from dualpath_engine.scheduler import protocol
+from dualpath_engine.transfer import base, sysfs, tcp
+
+log = logging.getLogger(__name__)
+
+
+class _EngineCollector:
+    """Engine loop counters read at scrape time."""
+
+    def __init__(self, engine: prefill.PrefillEngine | decode.DecodeEngine, role: str) -> None:
+        self._engine = engine
+        self._role = role
+
+    def collect(self) -> Iterator[core.Metric]:
+        seq, tok = self._engine.load()
+        running = core.GaugeMetricFamily(
+            "dualpath_engine_running_requests", "Requests assigned and not finished.", labels=["role"]
+        )
+        running.add_metric([self._role], seq)
+        yield running
+        tokens = core.GaugeMetricFamily(
+            "dualpath_engine_running_tokens", "Tokens of the running requests.", labels=["role"]
+        )
+        tokens.add_metric([self._role], tok)
+        yield tokens
+        steps = core.CounterMetricFamily(
+            "dualpath_engine_steps", "Forward batches (prefill) or decode steps run.", labels=["role"]
+        )
+        count = (
+            self._engine.batches_run
+            if isinstance(self._engine, prefill.PrefillEngine)
+            else self._engine.steps_run
+        )
+        steps.add_metric([self._role], count)
+        yield steps
+
+
+def group_id(engine_config: config.EngineConfig) -> str:
+    """The protocol's group id: unique across roles."""
+    return f"{engine_config.role}-{engine_config.group_id}"
+
+
+async def serve(
+    engine_config: config.EngineConfig,
+    runner: runner_api.ModelRunner,
+    *,
+    ready: Callable[[dict[str, object]], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run the engine group until ``stop`` is set or SIGTERM/SIGINT arrives."""
+    stop = stop or asyncio.Event()
+    registry = prometheus_client.CollectorRegistry()
+    nics = base.build_engine_nics(engine_config, base.NicMetrics(registry))
+    geometry = layout.BlockGeometry.from_config(engine_config.model, engine_config.kv)
+    store = storage.open_store(engine_config.kv, geometry, storage.StoreMetrics(registry))
+    reads = readqueue.ReadQueue(
+        store, workers=engine_config.kv.read_workers, nic=nics.storage, registry=registry
+    )
+    if engine_config.transport.kind != "tcp":
+        raise config.ConfigError(
+            f"transport kind {engine_config.transport.kind!r} is not available in the engine process; "
+            "use 'tcp'"
+        )
+    transport = tcp.TcpTransport(
+        nics.compute,
+        host=engine_config.host,
+        port=engine_config.transport.port,
+        checksum=engine_config.transport.checksum,
+        connect_timeout_s=engine_config.transport.connect_timeout_s,
+        metrics=base.TransportMetrics("tcp", registry),
+    )
+    peer_links = links.TransportLinks(transport)
+    address = await transport.start(peer_links)
+    endpoint = protocol.TransportEndpoint(kind="tcp", host=address.host, port=address.port)
+
+    group: leader.GroupLeader
+    engine: prefill.PrefillEngine | decode.DecodeEngine
+
+    def post(event: protocol.TaskEvent) -> None:
+        group.post(event)
+
+    if engine_config.role == "prefill":
+        time_model = await asyncio.to_thread(
+            profiling.profile, runner, max_context=engine_config.model.max_context_tokens
+        )
+        log.info("attention time model: %s", time_model)
+        engine = prefill.PrefillEngine(
+            engine_config=engine_config,
+            runner=runner,
+            reads=reads,
+            links=peer_links,
+            events=post,
+            time_model=time_model,
+        )
+    else:
+        engine = decode.DecodeEngine(
+            engine_config=engine_config,
+            runner=runner,
+            reads=reads,
+            links=peer_links,
+            events=post,
+            storage_nic=nics.storage,
+        )
+    peer_links.handler = engine.handle
+    registry.register(_EngineCollector(engine, engine_config.role))
+
+    def free_hbm(member: leader.Engine) -> int:
+        return engine.free_kv_bytes() if isinstance(engine, decode.DecodeEngine) else 0
+
+    group = leader.GroupLeader(
+        scheduler_url=engine_config.scheduler_url,
+        group_id=group_id(engine_config),
+        role=engine_config.role,
+        node=engine_config.node_name,
+        engines=[engine],
+        endpoints=lambda: [endpoint],
+        read_queue=lambda: (reads.depth_tokens, reads.depth_bytes),
+        free_hbm=free_hbm,
+    )
+
+    app = web.Application()
+
+    async def healthz(request: web.Request) -> web.Response:
+        status = 200 if group.connected.is_set() else 503
+        body = {"engine": engine.engine_id, "role": engine_config.role, "scheduler": group.connected.is_set()}
+        return web.json_response(body, status=status)
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(
+            body=prometheus_client.generate_latest(registry),
+            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
+        )
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    http = web.AppRunner(app, access_log=None)
+    await http.setup()
+    site = web.TCPSite(http, engine_config.host, engine_config.port)
+    await site.start()
+    http_port = _bound_port(site)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    background: list[asyncio.Task[None]] = []
+    session = aiohttp.ClientSession()
+    try:
+        background.append(asyncio.create_task(engine.run()))
+        background.append(asyncio.create_task(group.run_fetch(session)))
+        background.append(asyncio.create_task(group.run_results(session)))
+        if engine_config.network.sysfs_root:
+            writer = sysfs.SysfsWriter(
+                engine_config.network.sysfs_root, nics.all(), sysfs.writer_id(engine_config.name)
+            )
+            background.append(asyncio.create_task(writer.run(engine_config.network.sysfs_flush_interval_s)))
+        if ready is not None:
+            ready(
+                {
+                    "engine": engine.engine_id,
+                    "role": engine_config.role,
+                    "http": f"http://{engine_config.host}:{http_port}",
+                    "transport": {"host": address.host, "port": address.port},
+                }
+            )
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopper, *background], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopper and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await session.close()
+        await transport.close()
+        await store.close()
+        await http.cleanup()
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server  # aiohttp keeps the asyncio server here; port 0 needs the bound port
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else 0
+
+
+def ready_line(info: dict[str, object]) -> str:
+    """The line ``__main__`` prints once serving: ``ready {json}``."""
+    return "ready " + json.dumps(info, sort_keys=True)
