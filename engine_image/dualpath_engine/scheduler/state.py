@@ -153,7 +153,8 @@ class SchedulerState:
 
     def submit(self, prompt: Sequence[int], sampling: protocol.SamplingParams, now: float) -> str:
         """Admit a request; returns its id. Raises ``AdmissionError`` when too many are waiting."""
-        if len(self.pe_queue) + len(self.de_queue) >= self.cfg.max_waiting_requests:
+        waiting = sum(1 for task in self.tasks.values() if task.plan is None)
+        if waiting >= self.cfg.max_waiting_requests:
             self._metrics.requests.labels(result="rejected").inc()
             raise AdmissionError(f"{self.cfg.max_waiting_requests} requests are already waiting for engines")
         request_id = f"req-{next(self._ids)}"
