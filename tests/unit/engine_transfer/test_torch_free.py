@@ -22,6 +22,7 @@ TORCH_FREE = (
     "dualpath_engine.transfer.tcp",
     "dualpath_engine.transfer.sysfs",
     "dualpath_engine.transfer.manager",
+    "dualpath_engine.transfer.factory",
 )
 
 
