@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dualpath_engine import config
@@ -15,6 +15,7 @@ ROOT = hashing.root_hash("test")
 TOKENS = st.lists(st.integers(min_value=0, max_value=300), max_size=300)
 
 
+@settings(deadline=None, max_examples=80)
 @given(TOKENS, st.integers(min_value=1, max_value=70))
 def test_only_full_blocks_are_hashed(tokens: list[int], block: int) -> None:
     hashes = hashing.chain_hashes(tokens, block, ROOT)
@@ -22,6 +23,7 @@ def test_only_full_blocks_are_hashed(tokens: list[int], block: int) -> None:
     assert all(len(h) == hashing.DIGEST_BYTES for h in hashes)
 
 
+@settings(deadline=None, max_examples=80)
 @given(TOKENS, TOKENS)
 def test_shared_prefix_gives_shared_names_and_divergence_changes_every_later_name(
     prefix: list[int], suffix: list[int]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dualpath_engine import config
@@ -20,6 +20,7 @@ GEOMETRIES = st.builds(
 )
 
 
+@settings(deadline=None, max_examples=80)
 @given(GEOMETRIES, st.integers(0, 2**32 - 1))
 def test_split_then_assemble_is_the_identity_and_matches_concatenation(
     geo: layout.BlockGeometry, seed: int
@@ -43,6 +44,7 @@ def test_split_is_zero_copy() -> None:
     assert full[1, 0, 0] == 7
 
 
+@settings(deadline=None, max_examples=80)
 @given(st.integers(1, 4), st.integers(1, 9), st.integers(1, 8), st.integers(1, 40), st.integers(0, 1000))
 def test_sequence_cut_into_blocks_and_layer_runs_round_trip(
     layers: int, block: int, width: int, tokens: int, seed: int
