@@ -110,10 +110,21 @@ build_etcd() {
 
 build_kwok() {
   local ver=$KWOK_VERSION out=$CACHE/kwok/$KWOK_VERSION
-  if [[ -x $out/kwok ]]; then log "kwok $ver: cache hit ($out)"; return; fi
+  if [[ -x $out/kwok && -s $out/stages.yaml ]]; then log "kwok $ver: cache hit ($out)"; return; fi
   log "kwok $ver: cold build"
   rm -rf "$out.partial"; mkdir -p "$out.partial"
   with_progress "kwok $ver: go install" env GOBIN="$out.partial" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$ver"
+  # kwok run outside kwokctl has no built-in stages: ship the upstream "fast" set (node initialize,
+  # lease heartbeat, pod ready/complete/delete) from the module source, as kwokctl does.
+  local src
+  src=$(go mod download -json "sigs.k8s.io/kwok@$ver" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  local f first=1
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    [[ $first == 1 ]] || echo "---" >> "$out.partial/stages.yaml"
+    first=0
+    cat "$src/kustomize/stage/$f" >> "$out.partial/stages.yaml"
+  done
   rm -rf "$out"; mv "$out.partial" "$out"
   "$out/kwok" --version >&2 || true
 }

@@ -10,6 +10,7 @@ link() { [[ -x $1 ]] || { echo "missing $1: run make setup" >&2; exit 1; }; ln -
 for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do link "$CACHE/k8s/$K8S_VERSION/$b" "$b"; done
 link "$CACHE/etcd/$ETCD_VERSION/etcd" etcd
 link "$CACHE/kwok/$KWOK_VERSION/kwok" kwok
+ln -sfn "$CACHE/kwok/$KWOK_VERSION/stages.yaml" "$BIN/kwok-stages.yaml"
 link "$CACHE/helm/$HELM_VERSION/helm" helm
 while read -r dir; do
   for b in "$dir"/*; do ln -sfn "$b" "$BIN/$(basename "$b")"; done
