@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -284,7 +285,12 @@ def type_name(node: Mapping[str, Any]) -> str:
 
 
 def _code(text: Any) -> str:
-    return "`" + str(text).replace("|", "\\|") + "`"
+    return f"`{text}`"
+
+
+def _cell(text: str) -> str:
+    """Text made safe for one Markdown table cell (pipes escaped, even inside code spans)."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def validation_text(node: Mapping[str, Any], required: bool) -> str:
@@ -318,20 +324,16 @@ def validation_text(node: Mapping[str, Any], required: bool) -> str:
         parts.append(
             ("immutable" if entry["rule"] == "self == oldSelf" else "rule") + ": " + entry["message"]
         )
-    return "; ".join(parts).replace("|", "\\|").replace("\n", " ")
+    return "; ".join(parts)
 
 
 def _table(rows: Sequence[tuple[str, Mapping[str, Any], bool]]) -> list[str]:
     lines = ["| Field | Type | Default | Description | Validation |", "|---|---|---|---|---|"]
     for path, node, required in rows:
-        default = (
-            _code(yaml.safe_dump(node["default"], default_flow_style=True).strip())
-            if "default" in node
-            else ""
-        )
-        description = str(node.get("description", "")).replace("|", "\\|").replace("\n", " ")
-        checks = validation_text(node, required)
-        lines.append(f"| `{path}` | {type_name(node)} | {default} | {description} | {checks} |")
+        default = _code(json.dumps(node["default"], sort_keys=True)) if "default" in node else ""
+        description = _cell(str(node.get("description", "")))
+        checks = _cell(validation_text(node, required))
+        lines.append(f"| `{path}` | {type_name(node)} | {_cell(default)} | {description} | {checks} |")
     return lines
 
 
@@ -397,7 +399,7 @@ def render_docs() -> str:
     lines += ["", "## Cross-field rules", "", "| Where | Message | CEL |", "|---|---|---|"]
     for where, node in [("(object)", root), *((p, n) for p, n, _ in walk(root, ""))]:
         for entry in node.get("x-kubernetes-validations", []):
-            lines.append(f"| `{where}` | {entry['message']} | {_code(entry['rule'])} |")
+            lines.append(f"| `{where}` | {_cell(entry['message'])} | {_cell(_code(entry['rule']))} |")
     return "\n".join(lines) + "\n"
 
 
