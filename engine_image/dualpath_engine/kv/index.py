@@ -3,8 +3,9 @@
 A trie over blocks: each entry points to its parent (the previous block of the same prefix, or the
 chain root) and knows its children, so :meth:`PrefixIndex.longest_prefix` walks a token sequence's
 chain until the first unknown block. Entries in use are pinned by reference counts
-(:meth:`acquire` / :meth:`release`); only unreferenced leaves are evicted (LRU), and a release
-without a matching acquire raises instead of going negative (no double free).
+(:meth:`acquire` / :meth:`release`); only unreferenced leaves are evicted, least recently used (or
+released) first, in O(1) each; a release without a matching acquire raises instead of going negative
+(no double free).
 
 Used by engines to remember what storage holds (and what is being read) and by the scheduler to
 estimate hit lengths; it never touches storage itself.
@@ -12,8 +13,8 @@ estimate hit lengths; it never touches storage itself.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import itertools
 from collections.abc import Iterator, Sequence
 
 from dualpath_engine.kv import hashing
@@ -27,7 +28,6 @@ class DoubleReleaseError(RuntimeError):
 class _Entry:
     parent: hashing.BlockHash
     refs: int = 0
-    last_used: int = 0
     doomed: bool = False
     children: set[hashing.BlockHash] = dataclasses.field(default_factory=set)
 
@@ -57,7 +57,8 @@ class PrefixIndex:
         self._capacity = capacity_blocks
         self._entries: dict[hashing.BlockHash, _Entry] = {}
         self._root_children: set[hashing.BlockHash] = set()
-        self._clock = itertools.count(1)
+        # Unreferenced leaves, least recently used first: the only eviction candidates.
+        self._free_leaves: collections.OrderedDict[hashing.BlockHash, None] = collections.OrderedDict()
 
     @property
     def block_tokens(self) -> int:
@@ -90,19 +91,18 @@ class PrefixIndex:
     def longest_known(self, chain: Sequence[hashing.BlockHash]) -> PrefixMatch:
         """Known leading blocks of an already hashed chain (which must start at the root)."""
         hits: list[hashing.BlockHash] = []
-        tick = next(self._clock)
         for block in chain:
             entry = self._entries.get(block)
             if entry is None or entry.doomed:
                 break
-            entry.last_used = tick
+            if block in self._free_leaves:
+                self._free_leaves.move_to_end(block)
             hits.append(block)
         return PrefixMatch(hashes=tuple(hits), tokens=len(hits) * self._block_tokens)
 
     def insert(self, chain: Sequence[hashing.BlockHash]) -> list[hashing.BlockHash]:
         """Record a chain of blocks starting at the root; returns the blocks evicted to stay in capacity."""
         parent = self._root
-        tick = next(self._clock)
         added = 0
         for block in chain:
             entry = self._entries.get(block)
@@ -110,11 +110,12 @@ class PrefixIndex:
                 entry = _Entry(parent=parent)
                 self._entries[block] = entry
                 self._children_of(parent).add(block)
+                self._free_leaves.pop(parent, None)  # no longer a leaf
                 added += 1
             elif entry.parent != parent:
                 raise ValueError(f"block {block.hex()} is already known under another parent")
             entry.doomed = False
-            entry.last_used = tick
+            self._refresh(block)
             parent = block
         if self._capacity is None or added == 0:
             return []
@@ -127,6 +128,7 @@ class PrefixIndex:
             raise KeyError(f"cannot acquire unknown blocks: {', '.join(missing)}")
         for block in blocks:
             self._entries[block].refs += 1
+            self._free_leaves.pop(block, None)
 
     def release(self, blocks: Sequence[hashing.BlockHash]) -> None:
         """Unpin blocks (all of them or none); raises :class:`DoubleReleaseError` on an unbalanced release."""
@@ -143,6 +145,8 @@ class PrefixIndex:
             entry.refs -= count
             if entry.refs == 0 and entry.doomed:
                 self._remove_doomed(block)
+            else:
+                self._refresh(block)
 
     def refcount(self, block: hashing.BlockHash) -> int:
         """Current pins of a block (0 when unknown)."""
@@ -153,18 +157,17 @@ class PrefixIndex:
         """Remove up to ``count`` unreferenced leaves, least recently used first; returns them."""
         evicted: list[hashing.BlockHash] = []
         protect = protect or set()
-        while len(evicted) < count:
-            candidates = [
-                (entry.last_used, block)
-                for block, entry in self._entries.items()
-                if entry.refs == 0 and not entry.children and block not in protect
-            ]
-            if not candidates:
-                break
-            candidates.sort()
-            for _, block in candidates[: count - len(evicted)]:
-                self._remove(block)
-                evicted.append(block)
+        skipped: list[hashing.BlockHash] = []
+        while len(evicted) < count and self._free_leaves:
+            block, _ = self._free_leaves.popitem(last=False)
+            if block in protect:
+                skipped.append(block)
+                continue
+            self._remove(block)  # may turn the parent into a free leaf (appended as most recent)
+            evicted.append(block)
+        for block in reversed(skipped):
+            self._free_leaves[block] = None
+            self._free_leaves.move_to_end(block, last=False)
         return evicted
 
     def discard(self, block: hashing.BlockHash) -> None:
@@ -189,12 +192,23 @@ class PrefixIndex:
             return self._root_children
         return self._entries[parent].children
 
+    def _refresh(self, block: hashing.BlockHash) -> None:
+        """Make ``block`` the most recent free leaf if it is one."""
+        entry = self._entries[block]
+        if entry.refs == 0 and not entry.children and not entry.doomed:
+            self._free_leaves[block] = None
+            self._free_leaves.move_to_end(block)
+        else:
+            self._free_leaves.pop(block, None)
+
     def _remove(self, block: hashing.BlockHash) -> None:
         entry = self._entries.pop(block)
+        self._free_leaves.pop(block, None)
         if entry.parent == self._root:
             self._root_children.discard(block)
         elif entry.parent in self._entries:
             self._entries[entry.parent].children.discard(block)
+            self._refresh(entry.parent)
 
     def _remove_doomed(self, block: hashing.BlockHash) -> None:
         # Remove a doomed unreferenced leaf, then walk up while parents are doomed, free leaves too.

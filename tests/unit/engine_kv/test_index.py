@@ -61,6 +61,27 @@ def test_capacity_evicts_least_recently_used_free_leaves_only() -> None:
     assert idx.longest_prefix([1] * 8).tokens == 8
 
 
+def test_eviction_order_is_least_recently_used_and_parents_follow_their_children() -> None:
+    idx = make()
+    a, b, c = (idx.hashes_for([n] * 8) for n in (1, 2, 3))
+    for chain in (a, b, c):
+        idx.insert(chain)
+    idx.longest_prefix([1] * 8)  # a is used again
+    assert idx.evict(2) == [b[1], c[1]]  # the oldest free leaves
+    assert idx.evict(1) == [a[1]]  # b[0] and c[0] became free leaves only after a was touched
+    assert set(idx.evict(10)) == {a[0], b[0], c[0]}
+    assert len(idx) == 0
+
+
+def test_large_index_stays_fast_at_capacity() -> None:
+    idx = index.PrefixIndex(BLOCK, ROOT, capacity_blocks=20_000)
+    for n in range(30_000):
+        idx.insert([hashing.block_hash(ROOT, [n, n, n, n])])
+    assert len(idx) == 20_000
+    assert idx.longest_prefix([29_999] * 4).tokens == 4
+    assert idx.longest_prefix([0] * 4).tokens == 0
+
+
 def test_discard_forgets_a_block_and_its_descendants_after_their_last_release() -> None:
     idx = make()
     chain = idx.hashes_for(list(range(12)))
