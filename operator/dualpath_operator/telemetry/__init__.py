@@ -1,1 +1,1 @@
-"""Telemetry collectors: fetch NIC and engine metrics (Prometheus HTTP API or direct scrape) into planning types."""
+"""Telemetry collectors: NIC and engine metrics (Prometheus HTTP API or direct scrape) into planning types."""

@@ -1,0 +1,58 @@
+"""Frozen snapshots of the world that the pure planner reads.
+
+``k8s.gather`` builds them from API objects; tests build them by hand. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class ObservedPod:
+    """One engine pod owned by the cluster, as the API server last showed it."""
+
+    name: str
+    role: Role
+    ordinal: int
+    template_hash: str
+    phase: str = "Pending"
+    ready: bool = False
+    node: str | None = None
+    pod_ip: str | None = None
+    terminating: bool = False
+    #: Message of a PodScheduled=False/Unschedulable condition, if any.
+    unschedulable: str | None = None
+    #: ``dualpath.io/draining`` annotation value (RFC 3339 start time) when a drain is in progress.
+    draining_since: str | None = None
+    created: str | None = None
+
+
+@dataclass(frozen=True)
+class ObservedScheduler:
+    """The scheduler Deployment's rollout state."""
+
+    exists: bool = False
+    replicas: int = 0
+    ready_replicas: int = 0
+    updated_replicas: int = 0
+    template_hash: str | None = None
+    pod_ips: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything one reconcile pass knows about a DualPathCluster's children."""
+
+    pods: tuple[ObservedPod, ...] = ()
+    scheduler: ObservedScheduler = field(default_factory=ObservedScheduler)
+    #: Names of owned objects that exist, per kind (``ConfigMap``, ``Service``, ``Secret`` ...).
+    existing: frozenset[tuple[str, str]] = frozenset()
+    #: The admin-token Secret exists (its value is never read into the plan).
+    admin_secret_exists: bool = False
+
+    def pods_of(self, role: Role) -> tuple[ObservedPod, ...]:
+        return tuple(p for p in self.pods if p.role == role)
