@@ -39,6 +39,7 @@ _ACK_MAGIC = b"DPAK"
 _VERSION = 1
 _FLAG_CRC = 1
 _FLAG_ACK = 2
+_STREAM_LIMIT = 8 << 20  # read buffer: a large limit avoids pausing the socket while a block arrives
 MAX_PAYLOAD_BYTES = 1 << 34
 """Largest accepted payload (16 GiB): anything larger is a malformed frame."""
 
@@ -112,7 +113,7 @@ class TcpTransport(base.Transport):
                 if task is not None:
                     self._handlers.discard(task)
 
-        self._server = await asyncio.start_server(handle, self._host, self._port)
+        self._server = await asyncio.start_server(handle, self._host, self._port, limit=_STREAM_LIMIT)
         port = self._server.sockets[0].getsockname()[1]
         self._address = base.PeerAddress(self._host, int(port))
         return self._address
@@ -229,7 +230,7 @@ class TcpTransport(base.Transport):
                     return  # not our protocol: drop the connection
                 request_id = (await reader.readexactly(id_len)).decode()
                 started = time.perf_counter()
-                payload = await reader.readexactly(size)
+                payload = await _read_payload(reader, size)
                 await self.nic.receive(size)
                 self.metrics.received(size, time.perf_counter() - started)
                 if problem is None:
@@ -266,6 +267,22 @@ class TcpTransport(base.Transport):
         except Exception as exc:
             return f"{where}: {type(exc).__name__}: {exc}"
         return None
+
+
+async def _read_payload(reader: asyncio.StreamReader, size: int) -> bytes:
+    """Read one payload: ``readexactly`` up to the stream limit, chunks into one buffer beyond it."""
+    if size <= _STREAM_LIMIT:
+        return await reader.readexactly(size)
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    filled = 0
+    while filled < size:
+        chunk = await reader.read(min(size - filled, _STREAM_LIMIT))
+        if not chunk:
+            raise asyncio.IncompleteReadError(bytes(view[:filled]), size)
+        view[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
+    return bytes(buffer)
 
 
 def _as_bytes(payload: base.ByteArray | bytes) -> memoryview:

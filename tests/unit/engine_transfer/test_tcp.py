@@ -86,6 +86,16 @@ async def test_layer_blocks_arrive_intact_and_are_counted_on_both_nics(
     assert de.registry.get_sample_value("dualpath_engine_nic_bytes_total", labels) == moved
 
 
+async def test_payload_larger_than_the_stream_buffer_arrives_intact(
+    pair: tuple[Engine, Engine, base.PeerAddress],
+) -> None:
+    pe, de, address = pair
+    big = np.random.default_rng(11).integers(0, 256, tcp._STREAM_LIMIT + 12345, dtype=np.uint8)
+    await pe.transport.send(address, [(base.TransferMeta("big", base.ALL_LAYERS, 0, 64), big)])
+    ((_, payload),) = await asyncio.wait_for(de.inbox.take("big", base.ALL_LAYERS, 1), 10)
+    assert payload == big.tobytes()
+
+
 async def test_rejected_payload_fails_the_send_with_the_reason_and_the_link_stays_usable(
     pair: tuple[Engine, Engine, base.PeerAddress],
 ) -> None:
