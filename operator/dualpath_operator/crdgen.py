@@ -354,11 +354,11 @@ Age; `-o wide` adds Desired and Reason.
 - **Defaults.** A scalar has a schema default when one value is right for almost every cluster
   (`model.kvBlockTokens: 64`, `scheduler.computeQuotaMs: 300`, intervals, ports); the API server
   stores it, so `kubectl get -o yaml` and Argo CD's server-side diff show the effective value and
-  never report it as drift. A section whose fields all have defaults defaults to `{{}}`, so its fields
-  are filled in even when the section is omitted. Anything that names something of yours (model,
-  image, storage volume, NIC resource names) or whose absence means "not set" (`ratio.prefill`,
-  `ratio.gpuBudget`, `rebalance.slo`) has no default. Lists and maps never have defaults. Status fields
-  have no defaults: absent means "not observed yet".
+  never report it as drift. A section whose fields all have defaults is defaulted as a whole (its
+  fields filled in), so omitting the section is the same as writing its defaults. Anything that names
+  something of yours (model, image, storage volume, NIC resource names) or whose absence means "not
+  set" (`ratio.prefill`, `ratio.gpuBudget`, `rebalance.slo`) has no default. Lists and maps never have
+  defaults. Status fields have no defaults: absent means "not observed yet".
 - **Validation happens in the API server.** Single-field limits are OpenAPI bounds, enums and
   patterns; rules that relate fields are CEL rules (`x-kubernetes-validations`) whose message names
   the field(s) by their path. An invalid object is rejected by `kubectl apply`; the operator never

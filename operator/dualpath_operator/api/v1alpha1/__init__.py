@@ -1,7 +1,8 @@
 """``dualpath.io/v1alpha1``: the first version of the DualPathCluster API.
 
-Modules: ``cluster`` (the resource and its spec), ``spec`` (spec sections), ``status`` (observed
-state), ``corev1`` (embedded Kubernetes core types), ``common`` (base model, formats, durations).
+Modules: ``cluster`` (the resource and its spec), ``spec`` (spec sections), ``rebalancing`` (the
+telemetry and rebalance sections), ``status`` (observed state), ``corev1`` (embedded Kubernetes core
+types), ``common`` (base model, formats, durations).
 This file holds the identity of the resource, used by crdgen, the Kubernetes client code and tests.
 """
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from dualpath_operator.api.v1alpha1 import common
+from dualpath_operator.api.v1alpha1 import common, rebalancing
 from dualpath_operator.api.v1alpha1 import spec as specs
 from dualpath_operator.api.v1alpha1 import status as statuses
 
@@ -111,13 +111,13 @@ class DualPathClusterSpec(common.ApiModel):
     )
     network: specs.NetworkSpec = Field(description="RDMA compute and storage NICs of engine pods.")
     storage: specs.StorageSpec = Field(description="The KV-cache store and host staging buffers.")
-    telemetry: specs.TelemetrySpec = Field(
-        default_factory=specs.TelemetrySpec,
+    telemetry: rebalancing.TelemetrySpec = Field(
+        default_factory=rebalancing.TelemetrySpec,
         description="Where NIC and engine telemetry comes from.",
         json_schema_extra=common.schema_extra(default={}),
     )
-    rebalance: specs.RebalanceSpec = Field(
-        default_factory=specs.RebalanceSpec,
+    rebalance: rebalancing.RebalanceSpec = Field(
+        default_factory=rebalancing.RebalanceSpec,
         description="Continuous rebalancing of path weights and (Auto) the ratio.",
         json_schema_extra=common.schema_extra(default={}),
     )
