@@ -19,12 +19,12 @@ from prometheus_client import registry as prom_registry
 from dualpath_engine import config as config_mod
 from dualpath_engine.kv import hashing
 from dualpath_engine.scheduler import metrics as metrics_mod
-from dualpath_engine.scheduler import protocol, state
+from dualpath_engine.scheduler import protocol, records, state
 
 Clock = Callable[[], float]
 
 
-def block_hasher(cfg: config_mod.SchedulerConfig) -> state.BlockHasher:
+def block_hasher(cfg: config_mod.SchedulerConfig) -> records.BlockHasher:
     """The engines' chained block hashes (hex) for the configured model and block size."""
     root = hashing.root_hash(hashing.namespace_for(cfg.model, cfg.kv))
     block_tokens = cfg.kv.block_tokens
@@ -43,14 +43,14 @@ class SchedulerService:
         cfg: config_mod.SchedulerConfig,
         registry: prom_registry.CollectorRegistry | None = None,
         clock: Clock = time.monotonic,
-        hasher: state.BlockHasher | None = None,
+        hasher: records.BlockHasher | None = None,
         expiry_interval_s: float | None = None,
     ) -> None:
         self.cfg = cfg
         self.registry = registry if registry is not None else prom_registry.CollectorRegistry()
         self.metrics = metrics_mod.SchedulerMetrics(self.registry)
         self._clock = clock
-        self._streams: dict[str, asyncio.Queue[state.RequestUpdate]] = {}
+        self._streams: dict[str, asyncio.Queue[records.RequestUpdate]] = {}
         self._group_events: dict[str, asyncio.Event] = {}
         self._started: dict[str, float] = {}
         self.state = state.SchedulerState(
@@ -82,14 +82,14 @@ class SchedulerService:
     def submit(self, prompt: Sequence[int], sampling: protocol.SamplingParams) -> str:
         """Admit a request and return its id; consume it with ``updates`` (which cleans up).
 
-        Raises ``state.AdmissionError`` when too many requests wait (the API answers 503).
+        Raises ``records.AdmissionError`` when too many requests wait (the API answers 503).
         """
         request_id = self.state.submit(prompt, sampling, self._clock())
         self._streams[request_id] = asyncio.Queue()
         self._started[request_id] = self._clock()
         return request_id
 
-    async def updates(self, request_id: str) -> AsyncGenerator[state.RequestUpdate, None]:
+    async def updates(self, request_id: str) -> AsyncGenerator[records.RequestUpdate, None]:
         """Yield a submitted request's updates until the final one (finish or error).
 
         If the consumer stops early (client disconnected), the request is cancelled on the engines.
@@ -106,7 +106,7 @@ class SchedulerService:
                 try:
                     update = await asyncio.wait_for(queue.get(), timeout=max(remaining, 0.001))
                 except TimeoutError:
-                    update = state.RequestUpdate(
+                    update = records.RequestUpdate(
                         request_id, error="request timed out waiting for engines", error_kind="timeout"
                     )
                 if update.token_ids:
@@ -167,11 +167,11 @@ class SchedulerService:
         self.state.set_weights(weights)
 
     def set_drained(self, group_id: str, drained: bool) -> None:
-        """Drain or undrain a group (``state.UnknownGroupError`` if unknown)."""
+        """Drain or undrain a group (``records.UnknownGroupError`` if unknown)."""
         self.state.set_drained(group_id, drained)
 
     def set_role(self, group_id: str, role: protocol.Role) -> None:
-        """Switch a group's role in place, drain-first (``state.UnknownGroupError`` if unknown)."""
+        """Switch a group's role in place, drain-first (``records.UnknownGroupError`` if unknown)."""
         self.state.set_role(group_id, role, self._clock())
 
     def status(self) -> dict[str, Any]:
@@ -194,7 +194,7 @@ class SchedulerService:
 
     # --- internals -------------------------------------------------------------------------------
 
-    def _route(self, update: state.RequestUpdate) -> None:
+    def _route(self, update: records.RequestUpdate) -> None:
         queue = self._streams.get(update.request_id)
         if queue is not None:
             queue.put_nowait(update)

@@ -26,100 +26,12 @@ the sum its groups report plus the hit tokens planned on that node for unacknowl
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
 
 from dualpath_engine import config as config_mod
 from dualpath_engine.scheduler import metrics as metrics_mod
-from dualpath_engine.scheduler import policy, protocol
-
-ErrorKind = Literal["timeout", "failed", "cancelled"]
-BlockHasher = Callable[[Sequence[int]], list[str]]
-"""Chained hashes (hex) of every Full Block of a token sequence."""
-
-
-class AdmissionError(RuntimeError):
-    """A request refused at submission (queue full); the API answers 503."""
-
-
-class UnknownGroupError(KeyError):
-    """An admin call named a group the scheduler does not know."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RequestUpdate:
-    """News for a client request: new tokens, and on the last update its end."""
-
-    request_id: str
-    token_ids: tuple[int, ...] = ()
-    finish_reason: protocol.FinishReason | None = None
-    error: str | None = None
-    error_kind: ErrorKind | None = None
-    cached_tokens: int = 0
-
-    @property
-    def final(self) -> bool:
-        """True when no further update follows."""
-        return self.finish_reason is not None or self.error is not None
-
-
-@dataclasses.dataclass
-class _Group:
-    group_id: str
-    role: protocol.Role
-    reported_role: protocol.Role
-    node: str
-    incarnation: str
-    engines: dict[str, protocol.EngineReport]
-    read_queue_tokens: int
-    last_seen: float
-    drained: bool = False
-    switch_to: protocol.Role | None = None
-    switch_deadline: float = 0.0
-    next_reply_id: int = 0
-    unacked: dict[int, list[str]] = dataclasses.field(default_factory=dict)
-    outbox: list[str] = dataclasses.field(default_factory=list)
-    cancels: list[protocol.Cancel] = dataclasses.field(default_factory=list)
-
-    @property
-    def accepting(self) -> bool:
-        return not self.drained and self.switch_to is None and self.reported_role == self.role
-
-
-@dataclasses.dataclass
-class _Request:
-    request_id: str
-    prompt: tuple[int, ...]
-    sampling: protocol.SamplingParams
-    deadline: float
-    emitted: list[int] = dataclasses.field(default_factory=list)
-    attempt: int = 0
-    task_id: str = ""
-    cached_tokens: int = 0
-
-
-@dataclasses.dataclass
-class _Task:
-    task_id: str
-    request_id: str
-    attempt: int
-    prompt: tuple[int, ...]
-    sampling: protocol.SamplingParams
-    hashes: list[str]
-    pe_tokens: int
-    de_tokens: int
-    hbm_bytes: int
-    base: int
-    """Tokens the request had emitted before this attempt (its output index offset)."""
-    pe: tuple[str, str] | None = None
-    de: tuple[str, str] | None = None
-    plan: policy.ReadPlan | None = None
-    hit_hashes: tuple[str, ...] = ()
-    sent: set[str] = dataclasses.field(default_factory=set)
-    acked: set[str] = dataclasses.field(default_factory=set)
-    prefill_done: bool = False
+from dualpath_engine.scheduler import policy, protocol, records
 
 
 class SchedulerState:
@@ -128,9 +40,9 @@ class SchedulerState:
     def __init__(
         self,
         cfg: config_mod.SchedulerConfig,
-        hasher: BlockHasher,
+        hasher: records.BlockHasher,
         metrics: metrics_mod.SchedulerMetrics,
-        on_update: Callable[[RequestUpdate], None] = lambda update: None,
+        on_update: Callable[[records.RequestUpdate], None] = lambda update: None,
         on_group_work: Callable[[str], None] = lambda group_id: None,
     ) -> None:
         self.cfg = cfg
@@ -138,9 +50,9 @@ class SchedulerState:
         self._metrics = metrics
         self._on_update = on_update
         self._on_group_work = on_group_work
-        self.groups: dict[str, _Group] = {}
-        self.requests: dict[str, _Request] = {}
-        self.tasks: dict[str, _Task] = {}
+        self.groups: dict[str, records.GroupRecord] = {}
+        self.requests: dict[str, records.RequestRecord] = {}
+        self.tasks: dict[str, records.TaskRecord] = {}
         self.pe_queue: dict[str, None] = {}
         self.de_queue: dict[str, None] = {}
         self.private: dict[str, dict[str, None]] = {}
@@ -152,13 +64,15 @@ class SchedulerState:
     # --- clients ---------------------------------------------------------------------------------
 
     def submit(self, prompt: Sequence[int], sampling: protocol.SamplingParams, now: float) -> str:
-        """Admit a request; returns its id. Raises ``AdmissionError`` when too many are waiting."""
+        """Admit a request; returns its id. Raises ``records.AdmissionError`` when too many are waiting."""
         waiting = sum(1 for task in self.tasks.values() if task.plan is None)
         if waiting >= self.cfg.max_waiting_requests:
             self._metrics.requests.labels(result="rejected").inc()
-            raise AdmissionError(f"{self.cfg.max_waiting_requests} requests are already waiting for engines")
+            raise records.AdmissionError(
+                f"{self.cfg.max_waiting_requests} requests are already waiting for engines"
+            )
         request_id = f"req-{next(self._ids)}"
-        request = _Request(request_id, tuple(prompt), sampling, now + self.cfg.request_timeout_s)
+        request = records.RequestRecord(request_id, tuple(prompt), sampling, now + self.cfg.request_timeout_s)
         self.requests[request_id] = request
         self._new_attempt(request, front=False)
         return request_id
@@ -223,7 +137,7 @@ class SchedulerState:
             self._drop_task(request.task_id, "request timed out")
             self._metrics.requests.labels(result="timeout").inc()
             self._on_update(
-                RequestUpdate(
+                records.RequestUpdate(
                     request.request_id,
                     error=self._timeout_message(request),
                     error_kind="timeout",
@@ -287,13 +201,13 @@ class SchedulerState:
 
     # --- internals: registration and replies -----------------------------------------------------
 
-    def _register(self, message: protocol.FetchRequest, now: float) -> _Group:
+    def _register(self, message: protocol.FetchRequest, now: float) -> records.GroupRecord:
         group = self.groups.get(message.group_id)
         if group is not None and group.incarnation != message.incarnation:
             self._lose_group(group, "restart", now)
             group = None
         if group is None:
-            group = _Group(
+            group = records.GroupRecord(
                 group_id=message.group_id,
                 role=message.role,
                 reported_role=message.role,
@@ -313,7 +227,7 @@ class SchedulerState:
         group.last_seen = now
         return group
 
-    def _reply(self, group: _Group) -> protocol.FetchReply:
+    def _reply(self, group: records.GroupRecord) -> protocol.FetchReply:
         reply_id = group.next_reply_id
         group.next_reply_id += 1
         assignments = []
@@ -340,7 +254,7 @@ class SchedulerState:
             drained=group.drained or group.switch_to is not None,
         )
 
-    def _assignment(self, task: _Task, group_id: str) -> protocol.Assignment | None:
+    def _assignment(self, task: records.TaskRecord, group_id: str) -> protocol.Assignment | None:
         if task.pe is None or task.de is None or task.plan is None:
             return None
         pe_peer, de_peer = self._peer(task.pe), self._peer(task.de)
@@ -385,7 +299,7 @@ class SchedulerState:
 
     # --- internals: policy -----------------------------------------------------------------------
 
-    def _engine_views(self, group: _Group) -> list[policy.EngineView]:
+    def _engine_views(self, group: records.GroupRecord) -> list[policy.EngineView]:
         pending_tok: dict[str, int] = collections.Counter()
         pending_seq: dict[str, int] = collections.Counter()
         pending_hbm: dict[str, int] = collections.Counter()
@@ -422,11 +336,11 @@ class SchedulerState:
                 queues[self.groups[where[0]].node] += count * block_tokens
         return dict(queues)
 
-    def _view(self, task: _Task, role: protocol.Role) -> policy.RequestView:
+    def _view(self, task: records.TaskRecord, role: protocol.Role) -> policy.RequestView:
         tokens = task.pe_tokens if role == "prefill" else task.de_tokens
         return policy.RequestView(task.task_id, tokens, task.hbm_bytes if role == "decode" else 0)
 
-    def _assign_prefill(self, group: _Group, limit: int | None) -> None:
+    def _assign_prefill(self, group: records.GroupRecord, limit: int | None) -> None:
         queue = [self._view(self.tasks[t], "prefill") for t in self.pe_queue]
         result = policy.select_prefill_engines(
             queue,
@@ -445,7 +359,7 @@ class SchedulerState:
             self._metrics.pe_assignments.labels(category=assignment.category).inc()
             self._bind(task)
 
-    def _assign_decode(self, group: _Group, limit: int | None) -> None:
+    def _assign_decode(self, group: records.GroupRecord, limit: int | None) -> None:
         targets = {
             g.group_id: sum(v.tok for v in self._engine_views(g))
             + sum(self.tasks[t].de_tokens for t in self.private.get(g.group_id, {}))
@@ -471,7 +385,7 @@ class SchedulerState:
             self._metrics.de_assignments.labels(choice=assignment.choice).inc()
             self._bind(task)
 
-    def _bind(self, task: _Task) -> None:
+    def _bind(self, task: records.TaskRecord) -> None:
         if task.pe is None or task.de is None:
             return
         hits = self._hits(task.hashes)
@@ -527,7 +441,9 @@ class SchedulerState:
 
     # --- internals: events, retries, loss --------------------------------------------------------
 
-    def _apply_event(self, request: _Request, task: _Task, event: protocol.TaskEvent, now: float) -> None:
+    def _apply_event(
+        self, request: records.RequestRecord, task: records.TaskRecord, event: protocol.TaskEvent, now: float
+    ) -> None:
         if event.prefill_done:
             task.prefill_done = True
         if event.error is not None:
@@ -554,28 +470,30 @@ class SchedulerState:
         if new or finish is not None:
             self._metrics.generation_tokens.inc(len(new))
             self._on_update(
-                RequestUpdate(request.request_id, tuple(new), finish, cached_tokens=request.cached_tokens)
+                records.RequestUpdate(
+                    request.request_id, tuple(new), finish, cached_tokens=request.cached_tokens
+                )
             )
 
-    def _retry(self, request: _Request, reason: str, label: str, now: float) -> None:
+    def _retry(self, request: records.RequestRecord, reason: str, label: str, now: float) -> None:
         self._drop_task(request.task_id, reason)
         self._metrics.retries.labels(reason=label).inc()
         if request.attempt + 1 >= self.cfg.max_attempts:
             self.requests.pop(request.request_id, None)
             self._metrics.requests.labels(result="error").inc()
             message = f"request failed after {request.attempt + 1} attempts; last: {reason}"
-            self._on_update(RequestUpdate(request.request_id, error=message, error_kind="failed"))
+            self._on_update(records.RequestUpdate(request.request_id, error=message, error_kind="failed"))
             return
         request.attempt += 1
         self._new_attempt(request, front=True)
 
-    def _new_attempt(self, request: _Request, front: bool) -> None:
+    def _new_attempt(self, request: records.RequestRecord, front: bool) -> None:
         prompt = request.prompt + tuple(request.emitted)
         remaining = request.sampling.max_tokens - len(request.emitted)
         sampling = request.sampling.model_copy(update={"max_tokens": max(1, remaining)})
         task_id = f"{request.request_id}.{request.attempt}"
         total = len(prompt) + sampling.max_tokens
-        task = _Task(
+        task = records.TaskRecord(
             task_id=task_id,
             request_id=request.request_id,
             attempt=request.attempt,
@@ -617,15 +535,15 @@ class SchedulerState:
                 group.cancels.append(protocol.Cancel(task_id=task_id, reason=reason))
                 self._on_group_work(group_id)
 
-    def _finish_task(self, task: _Task) -> None:
+    def _finish_task(self, task: records.TaskRecord) -> None:
         self.tasks.pop(task.task_id, None)
 
-    def _needs(self, task: _Task, group_id: str) -> bool:
+    def _needs(self, task: records.TaskRecord, group_id: str) -> bool:
         if task.de is not None and task.de[0] == group_id:
             return True
         return task.pe is not None and task.pe[0] == group_id and not task.prefill_done
 
-    def _lose_group(self, group: _Group, reason: str, now: float) -> None:
+    def _lose_group(self, group: records.GroupRecord, reason: str, now: float) -> None:
         del self.groups[group.group_id]
         self._metrics.engine_groups_lost.labels(reason=reason).inc()
         self._return_private(group)
@@ -635,13 +553,13 @@ class SchedulerState:
             if request is not None and request.task_id == task.task_id:
                 self._retry(request, f"engine group {group.group_id} lost ({reason})", "engine_lost", now)
 
-    def _return_private(self, group: _Group) -> None:
+    def _return_private(self, group: records.GroupRecord) -> None:
         queue = self.private.get(group.group_id)
         if queue:
             self.de_queue = {**queue, **self.de_queue}
             queue.clear()
 
-    def _advance_switch(self, group: _Group, now: float) -> None:
+    def _advance_switch(self, group: records.GroupRecord, now: float) -> None:
         if group.switch_to is None:
             return
         busy = [t for t in self.tasks.values() if self._needs(t, group.group_id)]
@@ -659,19 +577,14 @@ class SchedulerState:
             self.private.pop(group.group_id, None)
         self._on_group_work(group.group_id)
 
-    def _group(self, group_id: str) -> _Group:
+    def _group(self, group_id: str) -> records.GroupRecord:
         group = self.groups.get(group_id)
         if group is None:
-            raise UnknownGroupError(group_id)
+            raise records.UnknownGroupError(group_id)
         return group
 
-    def _timeout_message(self, request: _Request) -> str:
+    def _timeout_message(self, request: records.RequestRecord) -> str:
         roles = {g.role for g in self.groups.values()}
         missing = [r for r in ("prefill", "decode") if r not in roles]
         why = f"; no {' or '.join(missing)} engine group is registered" if missing else ""
         return f"request not finished within {self.cfg.request_timeout_s:g} s{why}"
-
-
-def iter_hex(hashes: Iterable[bytes]) -> list[str]:
-    """Hex names of binary block hashes (the protocol's form)."""
-    return [h.hex() for h in hashes]

@@ -39,7 +39,7 @@ from aiohttp import web
 
 from dualpath_engine import config as config_mod
 from dualpath_engine import tokenizer
-from dualpath_engine.scheduler import protocol, service, state
+from dualpath_engine.scheduler import protocol, records, service
 from dualpath_engine.server import openai_api
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ async def _generate(
     sampling = openai_api.sampling_params(body, len(ids), svc.cfg)
     try:
         request_id = svc.submit(ids, sampling)
-    except state.AdmissionError as exc:
+    except records.AdmissionError as exc:
         raise openai_api.ApiError(503, str(exc), None, "server_overloaded") from exc
     object_id = openai_api.new_id("chatcmpl" if chat else "cmpl")
     try:
@@ -225,7 +225,7 @@ async def _stream(
     return response
 
 
-def _update_error(update: state.RequestUpdate) -> openai_api.ApiError:
+def _update_error(update: records.RequestUpdate) -> openai_api.ApiError:
     if update.error_kind == "timeout":
         return openai_api.ApiError(504, update.error or "timed out", None, "timeout_error")
     return openai_api.ApiError(503, update.error or "failed", None, "engine_unavailable")
@@ -362,7 +362,7 @@ async def _admin_drain(request: web.Request) -> web.StreamResponse:
     body = _parse_message(_DrainBody, await request.read())
     try:
         request.app[SERVICE].set_drained(body.group_id, body.drained)
-    except state.UnknownGroupError as exc:
+    except records.UnknownGroupError as exc:
         raise openai_api.ApiError(404, f"group_id: no engine group {body.group_id!r}", "group_id") from exc
     return web.json_response(request.app[SERVICE].status())
 
@@ -372,6 +372,6 @@ async def _admin_role(request: web.Request) -> web.StreamResponse:
     body = _parse_message(_RoleBody, await request.read())
     try:
         request.app[SERVICE].set_role(body.group_id, body.role)
-    except state.UnknownGroupError as exc:
+    except records.UnknownGroupError as exc:
         raise openai_api.ApiError(404, f"group_id: no engine group {body.group_id!r}", "group_id") from exc
     return web.json_response(request.app[SERVICE].status(), status=202)

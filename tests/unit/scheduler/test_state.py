@@ -8,7 +8,7 @@ import prometheus_client
 import pytest
 
 from dualpath_engine import config
-from dualpath_engine.scheduler import metrics, protocol, state
+from dualpath_engine.scheduler import metrics, protocol, records, state
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -25,7 +25,7 @@ class Harness:
         cfg = config.SchedulerConfig.model_validate(
             {"kv": {"block_tokens": BLOCK}, "engine_timeout_s": 5.0, "request_timeout_s": 100.0, **overrides}
         )
-        self.updates: list[state.RequestUpdate] = []
+        self.updates: list[records.RequestUpdate] = []
         self.woken: list[str] = []
         self.s = state.SchedulerState(
             cfg,
@@ -239,7 +239,7 @@ def test_admission_bound_refuses_new_requests() -> None:
     h = Harness(max_waiting_requests=2)
     h.s.submit([1], sampling(), 0)
     h.s.submit([1], sampling(), 0)
-    with pytest.raises(state.AdmissionError):
+    with pytest.raises(records.AdmissionError):
         h.s.submit([1], sampling(), 0)
 
 

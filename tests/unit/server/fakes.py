@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from dualpath_engine.scheduler import protocol, state
+from dualpath_engine.scheduler import protocol, records
 
 
 def next_token(context: Sequence[int]) -> int:
@@ -44,7 +44,7 @@ class FakeLeader:
     group_id: str
     role: protocol.Role
     node: str
-    hasher: state.BlockHasher | None = None
+    hasher: records.BlockHasher | None = None
     free_hbm_bytes: int = 1 << 40
     step_delay_s: float = 0.0
     stall_after_tokens: int | None = None
