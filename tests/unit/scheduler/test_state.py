@@ -309,3 +309,28 @@ def test_state_sample_reports_queues_groups_and_read_queues() -> None:
     assert sample.queues["de_global"] == 1 and sample.queues["pe_global"] == 1
     assert sample.groups == {("prefill", "active"): 1}
     assert sample.read_queue_tokens == {"np": 7}
+
+
+def test_weights_aware_flag_uses_pushed_capacities() -> None:
+    h = Harness(weights_aware_read_side=True)
+    prompt = list(range(9))
+    h.event("x", 0, task_id="old", engine_id="x", persisted_block_hashes=hasher(prompt))
+    h.s.set_weights({"np": 1e9, "nd": 8e9})  # the DE node's storage NIC is 8x faster
+    h.fetch("pe", "prefill", "np", 0, rq=100)
+    h.fetch("de", "decode", "nd", 0, rq=400)  # a longer queue, but it drains first
+    h.s.submit(prompt, sampling(), 1)
+    h.fetch("pe", "prefill", "np", 1, rq=100)
+    assert h.fetch("de", "decode", "nd", 1, rq=400).assignments[0].read_side == "de"
+
+
+def test_split_reads_flag_divides_hit_blocks_between_both_sides() -> None:
+    h = Harness(split_reads=True)
+    prompt = list(range(33))  # eight full blocks, all hit
+    h.event("x", 0, task_id="old", engine_id="x", persisted_block_hashes=hasher(prompt))
+    h.fetch("pe", "prefill", "np", 0)
+    h.fetch("de", "decode", "nd", 0)
+    h.s.submit(prompt, sampling(), 1)
+    h.fetch("pe", "prefill", "np", 1)
+    task = h.fetch("de", "decode", "nd", 1).assignments[0]
+    sides = [b.side for b in task.hit_blocks]
+    assert sides == ["pe"] * 4 + ["de"] * 4  # equal queues and capacities: half each, PE first

@@ -225,3 +225,22 @@ async def test_metrics_and_health_report_requests_queues_and_reads(scheduler_fac
         'dualpath_scheduler_engine_unfinished_requests{engine="de-0-e0",group="de-0",role="decode"}' in text
     )
     assert "dualpath_scheduler_generation_tokens_total 3.0" in text
+
+
+async def test_client_disconnect_mid_stream_cancels_the_task_on_the_engine(
+    scheduler_factory: Factory,
+) -> None:
+    svc, client, base = await scheduler_factory()
+    pe = fakes.FakeLeader(base, "pe-0", "prefill", "node-p")
+    de = fakes.FakeLeader(base, "de-0", "decode", "node-d", step_delay_s=0.05)
+    async with fakes.running(pe, de):
+        resp = await client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 200, "stream": True}
+        )
+        first = await resp.content.readline()
+        assert first.startswith(b"data: ")
+        resp.close()  # the client goes away
+        await wait_for(lambda: not svc.state.requests)
+        task_id = de.received[0].task_id
+        await wait_for(lambda: task_id in de.cancelled)
+    assert 'result="cancelled"' in await (await client.get("/metrics")).text()
