@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dualpath_operator.api import conditions as c
 
@@ -143,3 +145,24 @@ def test_every_reason_is_upper_camel_case() -> None:
 
     for reason in c.Reason:
         assert re.fullmatch(common.REASON_PATTERN, reason.value) and reason.value[0].isupper(), reason
+
+
+_STATUSES = st.sampled_from(list(c.ConditionStatus))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_STATUSES, st.integers(min_value=0, max_value=10**6)), min_size=1, max_size=30))
+def test_transition_time_is_the_time_of_the_last_flip(steps: list[tuple[c.ConditionStatus, int]]) -> None:
+    """Over any sequence of updates, lastTransitionTime is when the current status was first set."""
+    conds: list[c.Condition] = []
+    now = T0
+    flipped_at = T0
+    previous: c.ConditionStatus | None = None
+    for status, advance_s in steps:
+        now = now + timedelta(seconds=advance_s)
+        if status is not previous:
+            flipped_at = now
+        previous = status
+        conds = c.set_condition(conds, c.ConditionType.READY, status, c.Reason.PENDING, "", now)
+        (only,) = conds
+        assert only.last_transition_time == flipped_at
