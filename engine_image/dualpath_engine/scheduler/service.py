@@ -53,6 +53,7 @@ class SchedulerService:
         self._streams: dict[str, asyncio.Queue[records.RequestUpdate]] = {}
         self._group_events: dict[str, asyncio.Event] = {}
         self._started: dict[str, float] = {}
+        self._roles_told: dict[str, protocol.Role] = {}
         self.state = state.SchedulerState(
             cfg,
             hasher if hasher is not None else block_hasher(cfg),
@@ -149,12 +150,17 @@ class SchedulerService:
             reply = self.state.fetch(message, self._clock())
             self.metrics.fetch_seconds.labels(role=message.role).observe(time.perf_counter() - started)
             remaining = deadline - self._clock()
-            if reply.assignments or reply.cancels or reply.role != message.role or remaining <= 0:
+            # A role change is news once; a leader that keeps its old role is not answered in a loop.
+            role_news = reply.role != message.role and self._roles_told.get(message.group_id) != reply.role
+            if reply.assignments or reply.cancels or role_news or remaining <= 0:
+                self._roles_told[message.group_id] = reply.role
                 return reply
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=remaining)
             if not event.is_set():
-                return self.state.fetch(message, self._clock())
+                reply = self.state.fetch(message, self._clock())
+                self._roles_told[message.group_id] = reply.role
+                return reply
 
     def results(self, batch: protocol.ResultBatch) -> protocol.ResultAck:
         """Apply engine events."""

@@ -244,3 +244,28 @@ async def test_client_disconnect_mid_stream_cancels_the_task_on_the_engine(
         task_id = de.received[0].task_id
         await wait_for(lambda: task_id in de.cancelled)
     assert 'result="cancelled"' in await (await client.get("/metrics")).text()
+
+
+async def test_a_leader_ignoring_a_role_change_is_told_once_not_answered_in_a_loop(
+    scheduler_factory: Factory,
+) -> None:
+    svc, _, _ = await scheduler_factory()
+    endpoint = protocol.TransportEndpoint(kind="tcp", host="127.0.0.1", port=1)
+    message = protocol.FetchRequest(
+        group_id="g",
+        incarnation="i",
+        role="prefill",
+        node="n",
+        engines=(protocol.EngineReport(engine_id="e", seq=0, tok=0, transport=endpoint),),
+        read_queue_tokens=0,
+        wait_s=0.3,
+    )
+    await svc.fetch(message.model_copy(update={"wait_s": 0.0}))
+    svc.set_role("g", "decode")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    told = await svc.fetch(message)
+    assert told.role == "decode" and loop.time() - started < 0.25  # news: answered at once
+    started = loop.time()
+    again = await svc.fetch(message)
+    assert again.role == "decode" and loop.time() - started >= 0.25  # no news: a normal long poll
