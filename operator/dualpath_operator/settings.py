@@ -64,10 +64,13 @@ class OperatorConfig(BaseModel):
         default="WARNING",
         description="Lowest level of Kopf's own log records that are also posted as Kubernetes Events.",
     )
-    watch_server_timeout_seconds: float = Field(
-        default=120.0,
-        gt=0,
-        description="Asks the API server to end each watch after this long, so watches are renewed.",
+    watch_server_timeout_seconds: int = Field(
+        default=120,
+        ge=1,
+        description=(
+            "Asks the API server to end each watch after this long, so watches are renewed; whole seconds"
+            " (sent as the watch's timeoutSeconds, which the API server parses as an integer)."
+        ),
     )
     watch_client_timeout_seconds: float = Field(
         default=150.0,
@@ -157,8 +160,9 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
 
     # Watch stalls (nolar/kopf#996: the operator stops reacting after connection resets; #957: handlers
     # stop responding) come from streams that are half-open and never end. Asking the server to end
-    # every watch after a bounded time renews them regularly...
-    settings.watching.server_timeout = config.watch_server_timeout_seconds
+    # every watch after a bounded time renews them regularly. Kopf sends str(value) as timeoutSeconds:
+    # it must be an int ("120.0" is rejected with 400 Bad Request and every watcher fails)...
+    settings.watching.server_timeout = int(config.watch_server_timeout_seconds)
     # ...and a client-side total limit slightly above it catches a server (or a proxy) that never does.
     settings.watching.client_timeout = config.watch_client_timeout_seconds
     # An unreachable API server must fail fast and be retried, not hang a watcher for minutes.

@@ -333,6 +333,7 @@ def test_image_tag_defaults_to_the_app_version(render: Render) -> None:
         ({"metrics": {"port": 70000}}, "port"),
         ({"securityContext": {"runAsUser": 0}}, "runAsUser"),
         ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "interval"),
+        ({"operator": {"timeouts": {"watchServerSeconds": 90.5}}}, "watchServerSeconds"),
     ],
 )
 def test_schema_rejects_a_bad_value_naming_it(

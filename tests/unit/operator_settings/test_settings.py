@@ -92,6 +92,19 @@ def test_every_watch_and_request_has_an_explicit_bounded_timeout() -> None:
     assert kopf_settings.networking.connect_timeout == 4
 
 
+def test_watch_timeout_is_sent_as_an_integer_the_api_server_accepts() -> None:
+    # Kopf puts str(server_timeout) into the watch's timeoutSeconds query parameter; the API server
+    # parses it with strconv.ParseInt, so "120.0" fails every watch with 400 Bad Request.
+    for config in (
+        settings.OperatorConfig(),
+        settings.OperatorConfig.from_env({"DUALPATH_OPERATOR_WATCH_SERVER_TIMEOUT_SECONDS": "90"}),
+    ):
+        timeout_param = str(_configured(config).watching.server_timeout)
+        assert timeout_param.isdigit(), timeout_param
+    with pytest.raises(ValueError, match="DUALPATH_OPERATOR_WATCH_SERVER_TIMEOUT_SECONDS"):
+        settings.OperatorConfig.from_env({"DUALPATH_OPERATOR_WATCH_SERVER_TIMEOUT_SECONDS": "90.5"})
+
+
 def test_defaults_bound_what_kopf_leaves_unbounded() -> None:
     untouched = kopf.OperatorSettings()
     assert untouched.watching.server_timeout is None
