@@ -66,11 +66,11 @@ deletes only children it owns, and writes the status subresource. No update verb
 PATCH), no wildcards.
 */}}
 {{- define "dualpath-operator.namespacedRules" -}}
-# DualPathClusters: watched (events, index); patch only for Kopf's metadata bookkeeping. RBAC cannot limit a
-# patch to metadata; the operator never writes spec (GitOps rule, tested by the SSA idempotence test).
+# DualPathClusters: read only. The operator never writes a DualPathCluster's spec or metadata (GitOps rule;
+# no finalizer or Kopf annotations, docs/design/0001), and RBAC enforces it: no patch/update here.
 - apiGroups: ["dualpath.io"]
   resources: ["dualpathclusters"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch"]
 # Status is computed whole by every reconcile and written through the status subresource.
 - apiGroups: ["dualpath.io"]
   resources: ["dualpathclusters/status"]

@@ -172,6 +172,7 @@ def test_pod_is_non_root_with_a_read_only_root_filesystem(render: Render) -> Non
         assert security["readOnlyRootFilesystem"] is True
         assert security["allowPrivilegeEscalation"] is False
         assert security["capabilities"] == {"drop": ["ALL"]}
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
 def test_liveness_probe_targets_kopfs_liveness_endpoint(render: Render) -> None:
@@ -237,7 +238,7 @@ def test_rbac_grants_exactly_what_the_operator_needs(render: Render) -> None:
     docs = render()
     write = {"get", "list", "watch", "create", "patch", "delete"}
     expected = {
-        ("dualpath.io", "dualpathclusters"): {"get", "list", "watch", "patch"},
+        ("dualpath.io", "dualpathclusters"): {"get", "list", "watch"},
         ("dualpath.io", "dualpathclusters/status"): {"get", "patch"},
         ("dualpath.io", "dualpathclusters/finalizers"): {"update"},
         ("", "pods"): write,
@@ -260,6 +261,13 @@ def test_rbac_grants_exactly_what_the_operator_needs(render: Render) -> None:
     assert granted == set(expected), "unexpected or missing resources in RBAC"
     for (group, resource), verbs in expected.items():
         assert grants(docs, group, resource) == verbs, (group, resource)
+
+
+def test_the_operator_cannot_write_a_dualpathclusters_spec_or_metadata(render: Render) -> None:
+    for values in (None, NON_DEFAULT_VALUES):
+        docs = render(values)
+        assert grants(docs, "dualpath.io", "dualpathclusters") == {"get", "list", "watch"}
+        assert "update" not in grants(docs, "dualpath.io", "dualpathclusters/status")
 
 
 def test_secrets_can_be_neither_listed_nor_watched(render: Render) -> None:
