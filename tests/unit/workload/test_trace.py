@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -52,3 +53,15 @@ def test_property_every_trajectory_fits_and_uses_printable_tokens(
         for turn in trajectory.turns:
             assert turn.generate >= 1 and turn.append
             assert all(trace.TOKEN_LOW <= t <= trace.TOKEN_HIGH for t in turn.append)
+
+
+def test_cli_dry_run_describes_the_trace(capsys: pytest.CaptureFixture[str]) -> None:
+    from dualpath_engine.workload import __main__ as cli
+
+    assert cli.main(["--dry-run", "--trajectories", "4", "--preset", "48K", "--seed", "9"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["trajectories"] == 4
+    assert described["requests"] == sum(
+        len(t.turns) for t in trace.generate(trace.TraceShape(preset="48K", trajectories=4, seed=9))
+    )
+    assert cli.main(["--dry-run", "--trajectories", "0"]) == 2
