@@ -1,0 +1,206 @@
+"""The prefill and decode loops in one process (tiny torch model on CPU, in-memory links, filesystem
+store): chunked prefill under the compute quota, both read paths, a corrupt DE-side block, and the
+PE<->DE message encoding."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import torch
+
+from dualpath_engine import config
+from dualpath_engine import tokenizer as tok
+from dualpath_engine.engine import decode, messages, prefill, tasks
+from dualpath_engine.kv import filestore, hashing, layout, readqueue
+from dualpath_engine.model import llama, loader
+from dualpath_engine.model import runner as torch_runner
+from dualpath_engine.scheduler import batching, protocol
+
+pytestmark = pytest.mark.timeout(60)
+
+BLOCK = 16
+MODEL = config.ModelConfig()
+
+
+class Links:
+    """In-memory ``PeerLinks``: endpoint port -> handler; delivery in order."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[int, messages.Handler] = {}
+        self.sent: list[messages.Message] = []
+
+    async def send(self, peer: protocol.TransportEndpoint, message: messages.Message) -> None:
+        header, payload = messages.encode(message)  # through the wire format
+        self.sent.append(message)
+        await self.handlers[peer.port](messages.decode(header, payload))
+
+
+class Pair:
+    def __init__(self, tmp: pathlib.Path, mode: str, per_token_seconds: float) -> None:
+        kv = config.KVConfig(block_tokens=BLOCK, storage_path=str(tmp), fsync=False)
+        self.cfgs = {
+            role: config.EngineConfig(role=role, engine_id=role, mode=mode, model=MODEL, kv=kv)  # type: ignore[arg-type]
+            for role in ("prefill", "decode")
+        }
+        geometry = layout.BlockGeometry.from_config(MODEL, kv)
+        self.store = filestore.FilesystemStore(tmp, geometry, fsync=False)
+        self.root = hashing.root_hash(hashing.namespace_for(MODEL, kv))
+        self.model = loader.build(MODEL)
+        self.links = Links()
+        self.events: list[protocol.TaskEvent] = []
+        self.changed = asyncio.Event()
+        self.pe = prefill.PrefillEngine(
+            engine_config=self.cfgs["prefill"],
+            runner=torch_runner.TorchRunner(self.model, torch.device("cpu")),
+            reads=readqueue.ReadQueue(self.store, workers=2),
+            links=self.links,
+            events=self._record,
+            time_model=batching.AttentionTimeModel(per_token_seconds=per_token_seconds),
+        )
+        self.de = decode.DecodeEngine(
+            engine_config=self.cfgs["decode"],
+            runner=torch_runner.TorchRunner(loader.build(MODEL), torch.device("cpu")),
+            reads=readqueue.ReadQueue(self.store, workers=2),
+            links=self.links,
+            events=self._record,
+        )
+        self.links.handlers = {1: self.pe.handle, 2: self.de.handle}
+
+    def _record(self, event: protocol.TaskEvent) -> None:
+        self.events.append(event)
+        self.changed.set()
+
+    def assignment(
+        self, task_id: str, prompt: list[int], gen: int, side: protocol.Side
+    ) -> protocol.Assignment:
+        chain = hashing.chain_hashes(prompt, BLOCK, self.root)
+        hits = [protocol.HitBlock(index=i, hash=h.hex(), side=side) for i, h in enumerate(chain)]
+        stored = [h for h in hits if self.store.path_of(bytes.fromhex(h.hash)).exists()]
+        peer = {"group_id": "g", "node": "n"}
+        return protocol.Assignment(
+            task_id=task_id,
+            request_id=task_id,
+            attempt=0,
+            role="prefill",
+            engine_id="x",
+            prompt_token_ids=tuple(prompt),
+            sampling=protocol.SamplingParams(max_tokens=gen, ignore_eos=True),
+            block_tokens=BLOCK,
+            hit_blocks=tuple(stored),
+            read_side=side,
+            prefill=protocol.PeerInfo(engine_id="prefill", transport=_endpoint(1), **peer),
+            decode=protocol.PeerInfo(engine_id="decode", transport=_endpoint(2), **peer),
+            chunk_plan=protocol.ChunkPlan(cached_tokens=0, compute_tokens=len(prompt), compute_quota_ms=300),
+        )
+
+    async def generate(self, task_id: str, prompt: list[int], gen: int, side: protocol.Side) -> list[int]:
+        assignment = self.assignment(task_id, prompt, gen, side)
+        self.de.assign(assignment)
+        self.pe.assign(assignment)
+        async with asyncio.timeout(30):
+            while not any(e.task_id == task_id and (e.finish_reason or e.error) for e in self.events):
+                self.changed.clear()
+                await self.changed.wait()
+        mine = [e for e in self.events if e.task_id == task_id]
+        errors = [e.error for e in mine if e.error]
+        assert not errors, errors
+        return [t for e in mine if e.engine_id == "decode" for t in e.token_ids]
+
+
+def _endpoint(port: int) -> protocol.TransportEndpoint:
+    return protocol.TransportEndpoint(kind="tcp", host="127.0.0.1", port=port)
+
+
+@pytest.fixture
+async def pair_factory(tmp_path: pathlib.Path) -> AsyncIterator[object]:
+    running: list[asyncio.Task[None]] = []
+
+    def make(mode: str = "dualpath", per_token_seconds: float = 0.0) -> Pair:
+        pair = Pair(tmp_path, mode, per_token_seconds)
+        running.extend([asyncio.create_task(pair.pe.run()), asyncio.create_task(pair.de.run())])
+        return pair
+
+    yield make
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+
+
+async def test_long_prompt_is_chunked_under_the_quota_and_output_is_unchanged(pair_factory: object) -> None:
+    assert callable(pair_factory)
+    pair: Pair = pair_factory(per_token_seconds=0.3 / 40)  # at most 40 tokens per 300 ms batch
+    prompt = tok.encode("a prompt long enough to need several prefill chunks " * 3, bos=True)
+    generated = await pair.generate("t0", prompt, 8, "pe")
+    assert generated == llama.greedy_reference(pair.model, prompt, 8)
+    assert pair.pe.batches_run >= len(prompt) // 40
+    done = [e for e in pair.events if e.prefill_done]
+    assert len(done) == 1 and done[0].cached_tokens == 0
+    assert pair.store.path_of(hashing.chain_hashes(prompt, BLOCK, pair.root)[0]).exists()
+
+
+@pytest.mark.parametrize("side", ["pe", "de"])
+async def test_second_turn_hits_on_either_read_path_and_matches_recompute(
+    pair_factory: object, side: str
+) -> None:
+    assert callable(pair_factory)
+    pair: Pair = pair_factory()
+    prompt = tok.encode("first turn of a session that will be continued", bos=True)
+    first = await pair.generate("t1", prompt, 10, "pe")
+    prompt2 = [*prompt, *first, *tok.encode(" second turn")]
+    second = await pair.generate("t2", prompt2, 10, side)  # type: ignore[arg-type]
+    assert second == llama.greedy_reference(pair.model, prompt2, 10)
+    cached = next(e.cached_tokens for e in pair.events if e.task_id == "t2" and e.prefill_done)
+    assert cached == (len(prompt) + len(first) - 1) // BLOCK * BLOCK
+    de_layers = [m for m in pair.links.sent if isinstance(m, messages.DeLayer) and m.task_id == "t2"]
+    pe_layers = [m for m in pair.links.sent if isinstance(m, messages.PeLayer) and m.task_id == "t2"]
+    if side == "de":
+        assert len(de_layers) == MODEL.num_layers and all(m.blocks for m in de_layers)
+        assert min(m.start for m in pe_layers) == cached  # only miss KV goes back to the DE
+    else:
+        assert not de_layers and min(m.start for m in pe_layers) == 0  # PE path ships hit + miss KV
+
+
+async def test_corrupt_de_side_block_is_a_miss_and_is_recomputed(pair_factory: object) -> None:
+    assert callable(pair_factory)
+    pair: Pair = pair_factory()
+    prompt = tok.encode("a session whose stored KV gets damaged on disk!", bos=True)
+    first = await pair.generate("c1", prompt, 10, "pe")
+    chain = hashing.chain_hashes(prompt, BLOCK, pair.root)
+    path = pair.store.path_of(chain[1])
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x55
+    path.write_bytes(bytes(data))
+    prompt2 = [*prompt, *first, *tok.encode(" again")]
+    second = await pair.generate("c2", prompt2, 10, "de")
+    assert second == llama.greedy_reference(pair.model, prompt2, 10)
+    report = next(m for m in pair.links.sent if isinstance(m, messages.HitReport) and m.task_id == "c2")
+    assert 1 not in report.valid_blocks and 0 in report.valid_blocks
+    cached = next(e.cached_tokens for e in pair.events if e.task_id == "c2" and e.prefill_done)
+    assert cached == BLOCK  # only block 0 precedes the corrupt block
+    assert path.exists()  # re-persisted by the decode engine after recompute
+
+
+def test_messages_round_trip_and_prefix_rules() -> None:
+    data = np.arange(48, dtype=np.uint8).reshape(3, 16)
+    for message in (
+        messages.HitReport("t", (0, 2)),
+        messages.DeLayer("t", 1, (0, 2), data),
+        messages.PeLayer("t", 0, 32, data),
+        messages.PrefillDone("t", 32, 7),
+        messages.TaskAbort("t", "gone"),
+    ):
+        back = messages.decode(*messages.encode(message))
+        assert type(back) is type(message) and back.task_id == "t"
+        if isinstance(message, messages.PeLayer | messages.DeLayer):
+            assert isinstance(back, messages.PeLayer | messages.DeLayer)
+            assert np.array_equal(back.data, data)
+    with pytest.raises(messages.MessageError):
+        messages.decode(b'{"kind": "nope"}', b"")
+    sides: dict[int, protocol.Side] = {0: "pe", 1: "de", 2: "pe"}
+    assert tasks.usable_prefix_tokens(sides, {0, 1, 2}, 16, 100) == 48
+    assert tasks.usable_prefix_tokens(sides, {0, 2}, 16, 100) == 16
+    assert tasks.usable_prefix_tokens(sides, {0, 1, 2}, 16, 48) == 47  # last prompt token is computed
