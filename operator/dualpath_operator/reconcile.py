@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
-from lightkube import AsyncClient
-from lightkube.core.exceptions import ApiError
 from prometheus_client import CollectorRegistry
 
 from dualpath_operator import metrics as metrics_mod
 from dualpath_operator import settings as settings_mod
 from dualpath_operator.api import conditions as cond
 from dualpath_operator.api.v1alpha1 import cluster as api
+from dualpath_operator.api.v1alpha1 import common
 from dualpath_operator.api.v1alpha1 import status as api_status
 from dualpath_operator.k8s import apply, events, gather
 from dualpath_operator.k8s import client as k8s_client
@@ -50,11 +49,10 @@ def _now() -> dt.datetime:
 class Reconciler:
     """Holds the API client, the metrics and the last status seen per cluster (for the collector)."""
 
-    client: AsyncClient
+    client: k8s_client.AsyncClient
     config: settings_mod.OperatorConfig
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     clock: Callable[[], dt.datetime] = _now
-    drain_timeout_s: float = 30.0
     views: dict[Key, metrics_mod.ClusterMetricsView] = field(default_factory=dict)
     metrics: metrics_mod.OperatorMetrics = field(init=False)
     _server: metrics_mod.MetricsServer | None = field(default=None, init=False)
@@ -90,7 +88,7 @@ class Reconciler:
     async def reconcile(self, namespace: str, name: str) -> float | None:
         try:
             obj = await self.client.get(k8s_client.DualPathCluster, name=name, namespace=namespace)
-        except ApiError as e:
+        except k8s_client.ApiError as e:
             if e.status.code == 404:
                 self.views.pop((namespace, name), None)
                 return None
@@ -114,7 +112,7 @@ class Reconciler:
             observed=observed,
             previous=previous,
             now=now,
-            drain_timeout_s=self.drain_timeout_s,
+            drain_timeout_s=common.parse_duration(cluster.spec.rebalance.drain_timeout),
         )
         plan = planner.plan(view)
         errors = await self._apply(ref, plan)
@@ -134,24 +132,24 @@ class Reconciler:
         for secret in plan.create_secrets:
             try:
                 await apply.ensure_admin_secret(self.client, secret, engine_config.ADMIN_TOKEN_KEY)
-            except ApiError as e:
+            except k8s_client.ApiError as e:
                 errors.append(f"Secret {secret['metadata']['name']}: {e.status.message}")
         for manifest in plan.apply:
             try:
                 await apply.apply(self.client, manifest)
-            except ApiError as e:
+            except k8s_client.ApiError as e:
                 errors.append(f"{manifest['kind']} {manifest['metadata']['name']}: {e.status.message}")
         for patch in plan.patch_pods:
             try:
                 await apply.patch_pod_metadata(
                     self.client, ref.namespace, patch.name, patch.labels, patch.annotations
                 )
-            except ApiError as e:
+            except k8s_client.ApiError as e:
                 errors.append(f"Pod {patch.name}: {e.status.message}")
         for delete in plan.delete_pods:
             try:
                 await apply.delete_pod(self.client, ref.namespace, delete.name)
-            except ApiError as e:
+            except k8s_client.ApiError as e:
                 errors.append(f"Pod {delete.name}: {e.status.message}")
         return errors
 
@@ -159,7 +157,7 @@ class Reconciler:
         for ev in evs:
             try:
                 await events.post(self.client, body, ev.type, ev.reason, ev.message)
-            except ApiError as e:  # an event is best effort: never fail a pass over one
+            except k8s_client.ApiError as e:  # an event is best effort: never fail a pass over one
                 log.warning("could not post event %s: %s", ev.reason, e.status.message)
 
     async def _write_invalid(

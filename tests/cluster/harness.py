@@ -198,7 +198,7 @@ class Cluster:
         self._wait(
             proc,
             "etcd /health",
-            lambda: b'"health":"true"' in _http_get(f"http://127.0.0.1:{p.etcd}/health"),
+            lambda: b'"health":"true"' in http_get(f"http://127.0.0.1:{p.etcd}/health"),
             timeout_s,
         )
 
@@ -234,7 +234,7 @@ class Cluster:
         self._wait(
             proc,
             "kube-apiserver /readyz",
-            lambda: _http_get(f"{self.server}/readyz", ctx) == b"ok",
+            lambda: http_get(f"{self.server}/readyz", ctx) == b"ok",
             timeout_s,
         )
 
@@ -265,7 +265,7 @@ class Cluster:
         self._wait(
             proc,
             "kube-controller-manager /healthz",
-            lambda: _http_get(f"https://127.0.0.1:{port}/healthz", insecure) == b"ok",
+            lambda: http_get(f"https://127.0.0.1:{port}/healthz", insecure) == b"ok",
             timeout_s,
         )
         self._wait(
@@ -294,7 +294,7 @@ class Cluster:
         self._wait(
             proc,
             "kube-scheduler /readyz",
-            lambda: _http_get(f"https://127.0.0.1:{port}/readyz", insecure) == b"ok",
+            lambda: http_get(f"https://127.0.0.1:{port}/readyz", insecure) == b"ok",
             timeout_s,
         )
 
@@ -316,7 +316,7 @@ class Cluster:
             ],
         )
         self._wait(
-            proc, "kwok /healthz", lambda: _http_get(f"http://127.0.0.1:{port}/healthz") == b"ok", timeout_s
+            proc, "kwok /healthz", lambda: http_get(f"http://127.0.0.1:{port}/healthz") == b"ok", timeout_s
         )
 
     # ---- clients -----------------------------------------------------------------------------------
@@ -328,7 +328,7 @@ class Cluster:
 
     def _exists(self, path: str) -> bool:
         try:
-            _http_get(f"{self.server}{path}", self.ssl_context())
+            http_get(f"{self.server}{path}", self.ssl_context())
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 return False
@@ -383,7 +383,8 @@ class Cluster:
         return path
 
 
-def _http_get(url: str, ctx: ssl.SSLContext | None = None, timeout_s: float = 5.0) -> bytes:
+def http_get(url: str, ctx: ssl.SSLContext | None = None, timeout_s: float = 5.0) -> bytes:
+    """GET ``url`` (a loopback URL the harness built) and return the stripped body."""
     with urllib.request.urlopen(url, context=ctx, timeout=timeout_s) as resp:
         body: bytes = resp.read()
         return body.strip()

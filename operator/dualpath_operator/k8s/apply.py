@@ -1,4 +1,4 @@
-"""Apply a plan's writes: server-side apply under one field manager (the client's, see ``k8s.client``), deletes of owned pods only,
+"""Apply a plan's writes: server-side apply under the client's one field manager, deletes of owned pods only,
 create-once Secrets, status through the status subresource.
 
 Every function here is idempotent: applying the same manifest twice leaves the object (and its

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 
 from lightkube import AsyncClient, KubeConfig
+from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 
 #: Default field manager; ``OperatorConfig.field_manager`` overrides it (``make_client``).
 FIELD_MANAGER = "dualpath-operator"
 GROUP = "dualpath.io"
 VERSION = "v1alpha1"
+
+__all__ = ["FIELD_MANAGER", "ApiError", "AsyncClient", "DualPathCluster", "make_client"]
 
 #: The DualPathCluster resource (status subresource: ``DualPathCluster.Status``).
 DualPathCluster = create_namespaced_resource(GROUP, VERSION, "DualPathCluster", "dualpathclusters")

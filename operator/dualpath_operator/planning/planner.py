@@ -44,12 +44,14 @@ def desired_counts(
     """The P/D engine-group counts to converge to.
 
     Fixed: exactly ``spec.ratio.prefill``/``decode``. Auto: the last desired ratio the rebalancer
-    recorded in status, clamped into the current bounds; on first sight the bounds' minimums.
+    recorded in status, clamped into the current bounds; on first sight ``spec.ratio.prefill``/``decode``
+    if given (a starting point), else the bounds' minimums.
     """
     r = spec.ratio
     if r.mode is specs.RatioMode.FIXED and r.prefill is not None and r.decode is not None:
         return {"prefill": r.prefill, "decode": r.decode}
-    p, d = spec.prefill.min, spec.decode.min
+    p = r.prefill if r.prefill is not None else spec.prefill.min
+    d = r.decode if r.decode is not None else spec.decode.min
     if previous.desired_ratio:
         with contextlib.suppress(ValueError):
             p, d = api_status.parse_ratio(previous.desired_ratio)

@@ -157,6 +157,13 @@ class RebalanceSpec(common.ApiModel):
     slo: SloSpec | None = Field(
         None, description="Latency objectives; without them the planner balances load."
     )
+    drain_timeout: common.Duration = Field(
+        "60s",
+        description=(
+            "Longest wait for a draining engine group (scale-down, replacement, role switch) to finish its "
+            "in-flight requests before its pod is deleted or its role flipped; it goes earlier once idle."
+        ),
+    )
 
     @model_validator(mode="after")
     def _cooldown(self) -> RebalanceSpec:
