@@ -15,7 +15,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -36,7 +36,7 @@ def crds(kube: Client) -> list[str]:
     names = []
     for path in sorted((REPO / "crds").glob("*.yaml")):
         body = yaml.safe_load(path.read_text())
-        kube.apply(CustomResourceDefinition.from_dict(body), force=True)  # type: ignore[arg-type]
+        kube.apply(cast(CustomResourceDefinition, CustomResourceDefinition.from_dict(body)), force=True)
         names.append(body["metadata"]["name"])
 
     def established() -> bool:
@@ -169,7 +169,7 @@ def apply_dpc(
     kube: Client, namespace: str, body: dict[str, Any], manager: str = "argocd-controller"
 ) -> dict[str, Any]:
     obj = DPC.from_dict({**body, "metadata": {**body["metadata"], "namespace": namespace}})
-    out: dict[str, Any] = kube.apply(obj, field_manager=manager, force=True).to_dict()  # type: ignore[no-untyped-call]
+    out: dict[str, Any] = kube.apply(obj, field_manager=manager, force=True).to_dict()
     return out
 
 

@@ -27,9 +27,10 @@ def managed(body: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def child_versions(kube: Client, ns: str, name: str) -> dict[str, str]:
     out: dict[str, str] = {}
-    sel = {"dualpath.io/cluster": name}
+    sel: dict[str, Any] = {"dualpath.io/cluster": name}
+    kind: Any
     for kind in (Pod, Deployment, Service, ConfigMap):
-        for obj in kube.list(kind, namespace=ns, labels=sel):  # type: ignore[call-overload]
+        for obj in kube.list(kind, namespace=ns, labels=sel):
             out[f"{kind.__name__}/{obj.metadata.name}"] = obj.metadata.resourceVersion
     return out
 

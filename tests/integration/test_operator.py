@@ -124,7 +124,7 @@ def test_apply_creates_scheduler_and_engine_pods_on_rdma_nodes_and_reports_ready
         (NetworkPolicy, "c1-engines"),
         (Secret, "c1-scheduler-admin"),
     ):
-        obj = kube.get(kind, name=obj_name, namespace=namespace)  # type: ignore[call-overload]
+        obj: Any = kube.get(kind, name=obj_name, namespace=namespace)
         assert [r.uid for r in obj.metadata.ownerReferences] == [uid], kind
     cm = kube.get(ConfigMap, name="c1-engine-config", namespace=namespace)
     engine_yaml = yaml.safe_load((cm.data or {})["engine.yaml"])
@@ -248,9 +248,10 @@ def test_deleting_the_cluster_garbage_collects_every_child(
     itc.delete_dpc(kube, namespace, "c6")
 
     def all_gone() -> bool:
-        sel = {"dualpath.io/cluster": "c6"}
+        sel: dict[str, Any] = {"dualpath.io/cluster": "c6"}
+        kind: Any
         for kind in (Pod, Deployment, Service, ConfigMap, PodDisruptionBudget, NetworkPolicy, Secret):
-            if list(kube.list(kind, namespace=namespace, labels=sel)):  # type: ignore[call-overload]
+            if list(kube.list(kind, namespace=namespace, labels=sel)):
                 return False
         return True
 
