@@ -54,8 +54,11 @@ def crds(kube: Client) -> list[str]:
 class OperatorProcess:
     """The operator subprocess; ``restart`` after ``kill`` reuses the same settings."""
 
-    def __init__(self, cluster: harness.Cluster, log_dir: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, cluster: harness.Cluster, log_dir: Path, env: dict[str, str], kubeconfig: Path | None = None
+    ) -> None:
         self.cluster = cluster
+        self.kubeconfig = kubeconfig or cluster.kubeconfig
         self.log_dir = log_dir
         self.env = env
         self.proc: processes.Managed | None = None
@@ -71,7 +74,7 @@ class OperatorProcess:
             [sys.executable, "-m", "dualpath_operator", f"--liveness=http://127.0.0.1:{port}/healthz"],
             self.log_dir,
             env={
-                "KUBECONFIG": str(self.cluster.kubeconfig),
+                "KUBECONFIG": str(self.kubeconfig),
                 "DUALPATH_OPERATOR_METRICS_PORT": str(self.metrics_port),
                 **self.env,
             },
