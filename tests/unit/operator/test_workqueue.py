@@ -33,12 +33,14 @@ async def test_a_key_is_never_processed_concurrently_and_an_add_during_processin
     max_running = 0
     passes = 0
     release = asyncio.Event()
+    started = asyncio.Event()
 
     async def process(key: str) -> float | None:
         nonlocal running, max_running, passes
         running += 1
         max_running = max(max_running, running)
         passes += 1
+        started.set()
         if passes == 1:
             await release.wait()
         running -= 1
@@ -47,8 +49,7 @@ async def test_a_key_is_never_processed_concurrently_and_an_add_during_processin
     q: workqueue.WorkQueue[str] = workqueue.WorkQueue(process)
     q.start()
     q.add("a")
-    while passes == 0:
-        await asyncio.sleep(0.001)
+    await asyncio.wait_for(started.wait(), 5)
     q.add("a")  # arrives while the first pass is running: marks it dirty
     q.add("a")
     release.set()
@@ -61,16 +62,18 @@ async def test_a_key_is_never_processed_concurrently_and_an_add_during_processin
 async def test_requeue_after_runs_the_key_again_later() -> None:
     times: list[float] = []
     loop = asyncio.get_running_loop()
+    third = asyncio.Event()
 
     async def process(key: str) -> float | None:
         times.append(loop.time())
+        if len(times) == 3:
+            third.set()
         return 0.05 if len(times) < 3 else None
 
     q: workqueue.WorkQueue[str] = workqueue.WorkQueue(process)
     q.start()
     q.add("a")
-    while len(times) < 3:
-        await asyncio.sleep(0.005)
+    await asyncio.wait_for(third.wait(), 5)
     await q.stop()
     assert times[1] - times[0] >= 0.045
     assert times[2] - times[1] >= 0.045
@@ -79,9 +82,12 @@ async def test_requeue_after_runs_the_key_again_later() -> None:
 async def test_failures_are_retried_with_growing_backoff_and_success_resets_it() -> None:
     times: list[float] = []
     loop = asyncio.get_running_loop()
+    third = asyncio.Event()
 
     async def process(key: str) -> float | None:
         times.append(loop.time())
+        if len(times) == 3:
+            third.set()
         if len(times) <= 2:
             raise RuntimeError("conflict")
         return None
@@ -89,8 +95,7 @@ async def test_failures_are_retried_with_growing_backoff_and_success_resets_it()
     q: workqueue.WorkQueue[str] = workqueue.WorkQueue(process, base_backoff_s=0.05, max_backoff_s=1)
     q.start()
     q.add("a")
-    while len(times) < 3:
-        await asyncio.sleep(0.005)
+    await asyncio.wait_for(third.wait(), 5)
     await q.stop()
     assert times[1] - times[0] >= 0.045  # first retry after base
     assert times[2] - times[1] >= 0.095  # second after 2 x base
