@@ -55,8 +55,22 @@ def _engine(argv: Sequence[str]) -> int:
     def ready(info: dict[str, object]) -> None:
         print(service.ready_line(info), flush=True)
 
+    factory: service.TransportFactory | None = None
+    if engine_config.transport.kind == "cuda":
+        from dualpath_engine.transfer import base, cuda
+
+        def factory(nic: base.Nic, metrics: base.TransportMetrics) -> base.Transport:
+            return cuda.CudaIpcTransport(
+                nic,
+                host=engine_config.host,
+                port=engine_config.transport.port,
+                device=device,
+                connect_timeout_s=engine_config.transport.connect_timeout_s,
+                metrics=metrics,
+            )
+
     try:
-        asyncio.run(service.serve(engine_config, runner, ready=ready))
+        asyncio.run(service.serve(engine_config, runner, ready=ready, make_transport=factory))
     except config.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -179,6 +179,7 @@ def cluster(
     policy: str = "dualpath",
     decode_network: dict[str, Any] | None = None,
     scheduler_extra: dict[str, Any] | None = None,
+    engine_extra: dict[str, Any] | None = None,
 ) -> Iterator[Cluster]:
     """Start 1 scheduler, 1 PE (node-a) and 2 DEs (node-b, node-c); stop all by PID on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -226,6 +227,9 @@ def cluster(
                 "kv": _kv(workdir),
                 "transport": {"port": 0, "connect_timeout_s": 2.0},
             }
+            extra = dict(engine_extra or {})
+            engine_cfg["transport"] = {**engine_cfg["transport"], **extra.pop("transport", {})}
+            engine_cfg.update(extra)
             if role == "decode" and decode_network:
                 engine_cfg["network"] = decode_network
             path = _write(workdir / f"{name}.yaml", engine_cfg)

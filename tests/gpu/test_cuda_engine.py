@@ -1,7 +1,8 @@
 """GPU tests (marker ``gpu``; run by hand on the H200 box with ``make test-gpu`` or
 ``python -m pytest -m gpu tests/gpu -s``): model correctness on CUDA against the CPU reference, Full-Block
 H2D through the pinned arena against the machine's ceiling, and batched layer-block copies against
-256 KiB copies issued one by one. Each test prints its figures (``-s`` shows them).
+256 KiB copies issued one by one, and the CUDA IPC transport between two processes (same GPU, and
+GPU0 -> GPU1 when two GPUs are present). Each test prints its figures (``-s`` shows them).
 
 Ceilings come from engine-dataplane.md section 7 and can be overridden for another machine:
 ``DUALPATH_H2D_CEILING_GBPS`` (default 54.9, pinned H2D of 1 GiB).
@@ -9,9 +10,18 @@ Ceilings come from engine-dataplane.md section 7 and can be overridden for anoth
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import os
+import pathlib
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +32,7 @@ from dualpath_engine import tokenizer as tok
 from dualpath_engine.engine import runner as runner_api
 from dualpath_engine.model import llama, loader
 from dualpath_engine.model import runner as torch_runner
-from dualpath_engine.transfer import cuda
+from dualpath_engine.transfer import base, cuda
 
 pytestmark = [
     pytest.mark.gpu,
@@ -173,3 +183,112 @@ def test_arena_allocates_consecutive_runs_and_reports_full() -> None:
     assert arena.allocate(2) == [0, 1]
     arena.slot_array(2)[:] = 7
     assert int(arena.buffer[2 * 4096 : 3 * 4096].sum()) == 7 * 4096
+
+
+class _Peer:
+    """``tests.gpu.ipc_peer`` as a child process (stopped by PID)."""
+
+    def __init__(self, device: int, count: int, host_sink: bool = False) -> None:
+        args = [sys.executable, "-m", "tests.gpu.ipc_peer", "--device", str(device), "--count", str(count)]
+        self.popen = subprocess.Popen(
+            [*args, *(["--host-sink"] if host_sink else [])], stdout=subprocess.PIPE, text=True
+        )
+        assert self.popen.stdout is not None
+        line = self.popen.stdout.readline()
+        assert line.startswith("ready "), line
+        self.address = base.PeerAddress("127.0.0.1", int(line.split()[1]))
+
+    def result(self) -> dict[str, Any]:
+        assert self.popen.stdout is not None
+        line = self.popen.stdout.readline()
+        assert line.startswith("done "), line
+        return dict(json.loads(line.removeprefix("done ")))
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGTERM)
+        self.popen.wait(30)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("peer_device", [0, 1], ids=["same-gpu", "gpu0-to-gpu1"])
+def test_gpu_to_gpu_transport_between_two_processes(peer_device: int) -> None:
+    if peer_device >= torch.cuda.device_count():
+        pytest.skip(f"needs {peer_device + 1} GPUs, found {torch.cuda.device_count()}")
+    blocks, size = 64, 8 << 20  # 512 MiB of Full Blocks, sent twice (warm-up, timed)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    data = [
+        torch.randint(0, 256, (size,), dtype=torch.uint8, device="cuda", generator=gen) for _ in range(blocks)
+    ]
+    nic = base.Nic("mlx5_0", base.NicKind.COMPUTE, 50e9)
+    peer = _Peer(peer_device, 2 * blocks)
+    try:
+
+        async def send() -> float:
+            transport = cuda.CudaIpcTransport(nic, host="127.0.0.1")
+            await transport.start(base.Inbox())
+            try:
+                warm = [(base.TransferMeta("warm", 0, i, 64), t) for i, t in enumerate(data)]
+                await transport.send_device(peer.address, warm)  # opens and caches the IPC handles
+                timed = [(base.TransferMeta("timed", 0, blocks + i, 64), t) for i, t in enumerate(data)]
+                started = time.perf_counter()
+                await transport.send_device(peer.address, timed)
+                return time.perf_counter() - started
+            finally:
+                await transport.close()
+
+        seconds = asyncio.run(send())
+        result = peer.result()
+    finally:
+        peer.stop()
+    gbps = blocks * size / seconds / 1e9
+    print(f"\n[gpu] CUDA IPC transport cuda:0 -> cuda:{peer_device}, {blocks} x 8 MiB: {gbps:.1f} GB/s")
+    expected = [_digest(t.cpu().numpy().tobytes()) for t in data]
+    assert [result["digests"][str(blocks + i)] for i in range(blocks)] == expected
+    assert result["rx_bytes"] == 2 * blocks * size == nic.counters.tx_bytes
+    assert gbps > 1.0
+
+
+def test_gpu_transport_carries_host_payloads_byte_exact() -> None:
+    payloads = [np.arange(i * 1000, (i + 1) * 1000, dtype=np.uint16).view(np.uint8) for i in range(3)]
+    peer = _Peer(0, len(payloads), host_sink=True)
+    try:
+
+        async def send() -> None:
+            transport = cuda.CudaIpcTransport(base.Nic("a", base.NicKind.COMPUTE, 50e9), host="127.0.0.1")
+            await transport.start(base.Inbox())
+            try:
+                items = [(base.TransferMeta("r", 2, i, 16), p) for i, p in enumerate(payloads)]
+                await transport.send(peer.address, items)
+            finally:
+                await transport.close()
+
+        asyncio.run(send())
+        result = peer.result()
+    finally:
+        peer.stop()
+    assert result["digests"] == {str(i): _digest(p.tobytes()) for i, p in enumerate(payloads)}
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cuda"])
+def test_engine_processes_on_cuda_generate_the_recompute_tokens(
+    tmp_path: pathlib.Path, transport: str
+) -> None:
+    """1 scheduler + 1 PE + 2 DE as processes with the model on the GPU (fp32), KV over TCP or CUDA IPC."""
+    from tests.engine import harness
+
+    model = loader.build(config.ModelConfig())
+    extra = {"device": "cuda", "transport": {"kind": transport}}
+    with harness.cluster(tmp_path, policy="de-only", engine_extra=extra) as cluster:
+        history = tok.encode("a multi-turn session running on the GPU engines", bos=True)
+        for turn in range(3):
+            result = cluster.complete(history, 12)
+            generated = result["choices"][0]["token_ids"]
+            assert generated == llama.greedy_reference(model, history, 12), f"turn {turn}"
+            history = [*history, *generated, *tok.encode(f" turn {turn}")]
+        assert result["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        assert cluster.prefill.metric("dualpath_engine_transport_info", kind=transport) == 1
+        assert cluster.prefill.nic_bytes("compute", "rx") > 0  # DE-path KV arrived over the transport

@@ -63,6 +63,10 @@ class _EngineCollector:
         yield steps
 
 
+TransportFactory = Callable[[base.Nic, base.TransportMetrics], base.Transport]
+"""Builds the KV transport from the engine's compute NIC and the transport metrics."""
+
+
 def group_id(engine_config: config.EngineConfig) -> str:
     """The protocol's group id: unique across roles."""
     return f"{engine_config.role}-{engine_config.group_id}"
@@ -74,8 +78,13 @@ async def serve(
     *,
     ready: Callable[[dict[str, object]], None] | None = None,
     stop: asyncio.Event | None = None,
+    make_transport: TransportFactory | None = None,
 ) -> None:
-    """Run the engine group until ``stop`` is set or SIGTERM/SIGINT arrives."""
+    """Run the engine group until ``stop`` is set or SIGTERM/SIGINT arrives.
+
+    ``make_transport`` builds the KV transport (device backends such as ``transfer.cuda`` are built by
+    the entry point, since this module stays torch-free); None = TCP from the configuration.
+    """
     stop = stop or asyncio.Event()
     registry = prometheus_client.CollectorRegistry()
     nics = base.build_engine_nics(engine_config, base.NicMetrics(registry))
@@ -84,22 +93,24 @@ async def serve(
     reads = readqueue.ReadQueue(
         store, workers=engine_config.kv.read_workers, nic=nics.storage, registry=registry
     )
-    if engine_config.transport.kind != "tcp":
-        raise config.ConfigError(
-            f"transport kind {engine_config.transport.kind!r} is not available in the engine process; "
-            "use 'tcp'"
+    kind = engine_config.transport.kind
+    transport_metrics = base.TransportMetrics(kind, registry)
+    if make_transport is not None:
+        transport = make_transport(nics.compute, transport_metrics)
+    elif kind == "tcp":
+        transport = tcp.TcpTransport(
+            nics.compute,
+            host=engine_config.host,
+            port=engine_config.transport.port,
+            checksum=engine_config.transport.checksum,
+            connect_timeout_s=engine_config.transport.connect_timeout_s,
+            metrics=transport_metrics,
         )
-    transport = tcp.TcpTransport(
-        nics.compute,
-        host=engine_config.host,
-        port=engine_config.transport.port,
-        checksum=engine_config.transport.checksum,
-        connect_timeout_s=engine_config.transport.connect_timeout_s,
-        metrics=base.TransportMetrics("tcp", registry),
-    )
+    else:
+        raise config.ConfigError(f"transport kind {kind!r} needs a transport built by the entry point")
     peer_links = links.TransportLinks(transport)
     address = await transport.start(peer_links)
-    endpoint = protocol.TransportEndpoint(kind="tcp", host=address.host, port=address.port)
+    endpoint = protocol.TransportEndpoint(kind=kind, host=address.host, port=address.port)
 
     group: leader.GroupLeader
     engine: prefill.PrefillEngine | decode.DecodeEngine

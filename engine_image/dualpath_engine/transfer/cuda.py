@@ -13,16 +13,21 @@ If the CUDA runtime library cannot be opened through ctypes, the copier gathers 
 pinned staging buffer (host memcpy) and issues one copy; ``method`` says which one is in use.
 
 ``PinnedArena`` implements ``transfer.base.Arena`` and ``LayerCopier`` implements
-``transfer.base.DeviceCopier``. Without CUDA every constructor raises :class:`CudaUnavailableError`
-with the reason.
+``transfer.base.DeviceCopier``. ``CudaIpcTransport`` is the same-host GPU-to-GPU
+``transfer.base.Transport`` (CUDA IPC handles over a TCP control channel; NVLink P2P between two GPUs).
+Without CUDA every constructor raises :class:`CudaUnavailableError` with the reason.
 """
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import glob
+import json
 import os
 import sys
+import time
+import typing
 from collections.abc import Sequence
 
 import numpy as np
@@ -297,3 +302,164 @@ class LayerCopier:
                 dst.copy_(src[position * size : (position + length) * size], non_blocking=True)
                 self.copies_issued += 1
         return self._event()
+
+
+# ------------------------------------------------------------------ same-host GPU-to-GPU transport
+
+
+class _CountingOnly(base.Nic):
+    """The control channel's NIC: a private, never-exported counter (payload bytes are counted on the
+    real compute NIC by :class:`CudaIpcTransport` itself, not the few bytes of an IPC handle)."""
+
+    def __init__(self) -> None:
+        super().__init__("ipc-control", base.NicKind.COMPUTE, 1e12, metrics=base.NicMetrics())
+
+
+def export_handle(tensor: torch.Tensor) -> bytes:
+    """A JSON description of a CUDA tensor's IPC handle that another process can open."""
+    if tensor.device.type != "cuda":
+        raise ValueError("only CUDA tensors can be exported")
+    storage = tensor._typed_storage()  # type: ignore[no-untyped-call]
+    (device, handle, size_bytes, offset_bytes, ref_handle, ref_offset, event_handle, event_sync) = (
+        storage._share_cuda_()
+    )
+    fields = {
+        "size": list(tensor.size()),
+        "stride": list(tensor.stride()),
+        "offset": tensor.storage_offset(),
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "device": int(device),
+        "handle": base64.b64encode(handle).decode(),
+        "size_bytes": int(size_bytes),
+        "offset_bytes": int(offset_bytes),
+        "ref_handle": base64.b64encode(ref_handle).decode(),
+        "ref_offset": int(ref_offset),
+        "event_handle": base64.b64encode(event_handle or b"").decode(),
+        "event_sync": bool(event_sync),
+    }
+    return json.dumps(fields).encode()
+
+
+def open_handle(description: bytes) -> torch.Tensor:
+    """The exporter's tensor, mapped into this process (valid while the exporter keeps it alive)."""
+    from torch.multiprocessing import reductions
+
+    fields = json.loads(description)
+    tensor = reductions.rebuild_cuda_tensor(  # type: ignore[no-untyped-call]
+        torch.Tensor,
+        torch.Size(fields["size"]),
+        tuple(fields["stride"]),
+        fields["offset"],
+        torch.storage.TypedStorage,
+        getattr(torch, fields["dtype"]),
+        fields["device"],
+        base64.b64decode(fields["handle"]),
+        fields["size_bytes"],
+        fields["offset_bytes"],
+        False,
+        base64.b64decode(fields["ref_handle"]),
+        fields["ref_offset"],
+        base64.b64decode(fields["event_handle"]) or None,
+        fields["event_sync"],
+    )
+    return typing.cast(torch.Tensor, tensor)
+
+
+class DeviceSink(typing.Protocol):
+    """A sink that takes KV on the device (no copy back to the host)."""
+
+    async def deliver_device(self, meta: base.TransferMeta, tensor: torch.Tensor) -> None:
+        """Accept a uint8 CUDA tensor (owned by the receiver) for ``meta``."""
+        ...
+
+
+class CudaIpcTransport(base.Transport):
+    """Same-host GPU-to-GPU transport: CUDA IPC handles over a TCP control channel.
+
+    The sender stages each payload on its GPU (host payloads are copied H2D; :meth:`send_device` takes
+    device tensors as they are), exports a CUDA IPC handle and sends the handle as a frame of
+    ``transfer.tcp``; the receiver opens the handle and copies peer GPU -> its own GPU (NVLink P2P when
+    the GPUs differ), synchronises, then hands the tensor to a :class:`DeviceSink` or, for a plain
+    ``TransferSink``, the bytes after a D2H copy. The TCP acknowledgement comes after that copy, so the
+    sender frees its staging only once the receiver is done. Payload bytes are counted (and paced when
+    emulated) on the compute NICs of both ends.
+    """
+
+    kind = "cuda"
+
+    def __init__(
+        self,
+        nic: base.Nic,
+        *,
+        host: str,
+        port: int = 0,
+        device: torch.device | str | int | None = None,
+        connect_timeout_s: float = 10.0,
+        metrics: base.TransportMetrics | None = None,
+    ) -> None:
+        super().__init__(nic, metrics)
+        self.device = require_cuda(device)
+        from dualpath_engine.transfer import tcp
+
+        self._control = tcp.TcpTransport(
+            _CountingOnly(), host=host, port=port, connect_timeout_s=connect_timeout_s
+        )
+        self._sink: base.TransferSink | DeviceSink | None = None
+
+    async def start(self, sink: base.TransferSink) -> base.PeerAddress:
+        self._sink = sink
+        return await self._control.start(_Receiver(self))
+
+    async def close(self) -> None:
+        await self._control.close()
+
+    async def send(
+        self, peer: base.PeerAddress, items: Sequence[tuple[base.TransferMeta, base.ByteArray | bytes]]
+    ) -> None:
+        staged = []
+        for meta, payload in items:
+            host = np.frombuffer(payload, np.uint8) if isinstance(payload, bytes) else payload.reshape(-1)
+            staged.append((meta, torch.from_numpy(np.array(host, copy=True)).to(self.device)))
+        await self.send_device(peer, staged)
+
+    async def send_device(
+        self, peer: base.PeerAddress, items: Sequence[tuple[base.TransferMeta, torch.Tensor]]
+    ) -> None:
+        """Send CUDA tensors (flat uint8) in order; returns once the peer copied all of them."""
+        started = time.perf_counter()
+        frames = []
+        total = 0
+        for meta, tensor in items:
+            flat = tensor.reshape(-1)
+            await self.nic.transmit(flat.numel())
+            frames.append((meta, export_handle(flat)))
+            total += flat.numel()
+        torch.cuda.current_stream(self.device).synchronize()  # staged data complete before the peer reads
+        await self._control.send(peer, frames)
+        self.metrics.sent(total, time.perf_counter() - started)
+        torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]  # free staging the peer has released
+
+    async def _receive(self, meta: base.TransferMeta, description: bytes) -> None:
+        started = time.perf_counter()
+        source = open_handle(description)
+        local = torch.empty(source.shape, dtype=source.dtype, device=self.device)
+        local.copy_(source)
+        torch.cuda.current_stream(self.device).synchronize()
+        del source
+        await self.nic.receive(local.numel())
+        self.metrics.received(local.numel(), time.perf_counter() - started)
+        sink = self._sink
+        if sink is None:
+            raise RuntimeError("transport not started")
+        if hasattr(sink, "deliver_device"):
+            await typing.cast(DeviceSink, sink).deliver_device(meta, local)
+        else:
+            await sink.deliver(meta, local.cpu().numpy().tobytes())
+
+
+class _Receiver:
+    def __init__(self, transport: CudaIpcTransport) -> None:
+        self._transport = transport
+
+    async def deliver(self, meta: base.TransferMeta, payload: bytes) -> None:
+        await self._transport._receive(meta, payload)
