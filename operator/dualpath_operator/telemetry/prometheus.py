@@ -203,7 +203,7 @@ class PrometheusCollector:
         if "cnic_total" in templates:
             del templates["cnic_tx"], templates["cnic_rx"]
         results = dict(await asyncio.gather(*(self._named(n, t, window_s) for n, t in templates.items())))
-        required = self._required()
+        required = self._required(engines=bool(targets))
         for name, result in results.items():
             if isinstance(result, QueryError):
                 builder.problem(str(result))
@@ -217,7 +217,8 @@ class PrometheusCollector:
         self._check_freshness(builder, ok, window_s)
         return builder.build(taken_at)
 
-    def _required(self) -> set[str]:
+    def _required(self, *, engines: bool) -> set[str]:
+        """Queries whose empty answer is a problem (engine ones only when engines are expected)."""
         s = self.settings
         required = {"snic_rx"}
         if s.snic_capacity_fallback_bps is None:
@@ -237,7 +238,8 @@ class PrometheusCollector:
             "ttft_p90_s": "ttft",
             "tpot_p90_s": "tpot",
         }
-        required |= {by_signal[signal] for signal in s.required_engine_signals}
+        if engines:
+            required |= {by_signal[signal] for signal in s.required_engine_signals}
         return required
 
     def _fill_nodes(self, builder: sample.SampleBuilder, ok: Mapping[str, list[Series]]) -> None:
