@@ -73,6 +73,8 @@ def test_multi_turn_tokens_identical_to_recompute_and_bytes_on_the_right_nics(
             assert _storage_rx(des) > 0 and pe.nic_bytes("storage", "rx") == 0
             assert sum(de.nic_bytes("compute", "tx") for de in des) > 0  # DE buffer -> PE over the CNIC
             assert pe.nic_bytes("compute", "rx") > 0
+            assert sum(de.metric("dualpath_engine_kv_read_bytes_total", path="de") for de in des) > 0
+            assert pe.metric("dualpath_engine_kv_read_bytes_total", path="pe") == 0
         else:
             assert pe.nic_bytes("storage", "rx") > 0 and _storage_rx(des) == 0
             assert pe.nic_bytes("compute", "tx") > 0
@@ -155,3 +157,4 @@ def test_engine_health_and_metrics_endpoints(tmp_path: pathlib.Path) -> None:
             assert "dualpath_engine_nic_bytes_total" in names
             assert "dualpath_engine_storage_read_queue_tokens" in names
             assert "dualpath_engine_transport_info" in names
+            assert "dualpath_engine_kv_read_bytes_total" in names

@@ -88,12 +88,16 @@ class DecodeEngine:
         self._root = hashing.root_hash(hashing.namespace_for(engine_config.model, engine_config.kv))
         self._tasks: dict[str, _Task] = {}
         self._early: dict[str, list[messages.Message]] = {}
-        self._finished: set[str] = set()
+        self._finished = tasks.RecentIds()
         self._wakeup = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._persist_lock = asyncio.Lock()
         self.steps_run = 0
         """Decode steps executed."""
+        self.read_bytes_total = 0
+        """KV bytes this engine read from storage for the DE read path."""
+        self.persisted_blocks = 0
+        """Full Blocks this engine wrote to storage."""
 
     @property
     def engine_id(self) -> str:
@@ -128,7 +132,7 @@ class DecodeEngine:
                 (self._geometry.num_layers, prompt, self._geometry.bytes_per_token_layer), np.uint8
             ),
         )
-        task.deadline = asyncio.get_running_loop().time() + tasks.peer_timeout_s(self._config) * 6
+        task.deadline = asyncio.get_running_loop().time() + tasks.ORPHAN_TIMEOUT_S
         self._tasks[task_id] = task
         if any(side == "de" for side in task.sides.values()):
             self._spawn(self._read_de_side(task))
@@ -140,6 +144,7 @@ class DecodeEngine:
         """Drop a task."""
         task = self._tasks.pop(task_id, None)
         self._finished.add(task_id)
+        self._early.pop(task_id, None)
         if task is not None:
             task.outbox.abort()
             if task.decoding:
@@ -168,7 +173,9 @@ class DecodeEngine:
             )
 
     async def _read_de_side(self, task: _Task) -> None:
-        assert task.buffer is not None
+        buffer = task.buffer
+        if buffer is None:
+            raise RuntimeError(f"{task.task_id}: DE-side read after the buffer was released")
         indices = [i for i, side in sorted(task.sides.items()) if side == "de"]
         by_index = {block.index: block for block in task.assignment.hit_blocks}
         outs = [layout.empty_full_block(self._geometry) for _ in indices]
@@ -184,8 +191,9 @@ class DecodeEngine:
         prompt = len(task.assignment.prompt_token_ids)
         for index in valid:
             end = min((index + 1) * tokens, prompt)
-            task.buffer[:, index * tokens : end] = blocks[index][:, : end - index * tokens]
+            buffer[:, index * tokens : end] = blocks[index][:, : end - index * tokens]
         task.read_bytes_de = len(valid) * self._geometry.full_block_bytes
+        self.read_bytes_total += task.read_bytes_de
         task.outbox.put(messages.HitReport(task.task_id, tuple(valid)))
         for layer in range(self._geometry.num_layers):
             data = (
@@ -297,6 +305,7 @@ class DecodeEngine:
                         await self._storage_nic.transmit(self._geometry.full_block_bytes)
                     if await self._reads.store.write(block, data):
                         task.new_hashes.append(block.hex())
+                        self.persisted_blocks += 1
                 task.persisted += 1
 
     async def _fail(self, task_id: str, reason: str, *, notify_peer: bool) -> None:

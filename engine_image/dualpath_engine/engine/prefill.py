@@ -66,6 +66,13 @@ class _Task:
     def prompt(self) -> tuple[int, ...]:
         return self.assignment.prompt_token_ids
 
+    @property
+    def hit_tokens(self) -> int:
+        """The usable hit prefix; only known once the task is ready (both sides' reads reported)."""
+        if self.cached is None:
+            raise RuntimeError(f"{self.task_id}: hit prefix used before it was decided")
+        return self.cached
+
     def needs_de(self) -> bool:
         return any(side == "de" for side in self.sides.values())
 
@@ -92,11 +99,15 @@ class PrefillEngine:
         self._geometry = layout.BlockGeometry.from_config(engine_config.model, engine_config.kv)
         self._tasks: dict[str, _Task] = {}
         self._early: dict[str, list[messages.Message]] = {}
-        self._finished: set[str] = set()
+        self._finished = tasks.RecentIds()
         self._wakeup = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.batches_run = 0
         """Forward batches executed (each may hold chunks of several tasks)."""
+        self.read_bytes_total = 0
+        """KV bytes this engine read from storage for the PE read path."""
+        self.layer_wait_seconds = 0.0
+        """Time the forward pass stalled waiting for DE-read layers (I/O, not compute, bound prefill)."""
 
     @property
     def engine_id(self) -> str:
@@ -135,6 +146,7 @@ class PrefillEngine:
         """Drop a task (the scheduler no longer wants it)."""
         task = self._tasks.pop(task_id, None)
         self._finished.add(task_id)
+        self._early.pop(task_id, None)
         if task is not None:
             task.outbox.abort()
 
@@ -181,6 +193,7 @@ class PrefillEngine:
                 task.pe_valid.add(index)
                 if self._config.mode != "oracle":
                     task.read_bytes_pe += self._geometry.full_block_bytes
+                    self.read_bytes_total += self._geometry.full_block_bytes
         task.pe_read_done.set()
         self._wakeup.set()
 
@@ -220,9 +233,8 @@ class PrefillEngine:
 
     def _hit_rows(self, task: _Task, layer: int) -> layout.ByteArray:
         """Layer ``layer`` of the usable hit prefix ``[cached, bytes]`` (must be available)."""
-        assert task.cached is not None  # _ready() ran before any batch holds the task
         tokens = self._geometry.block_tokens
-        blocks = -(-task.cached // tokens)
+        blocks = -(-task.hit_tokens // tokens)
         rows = np.empty((blocks * tokens, self._geometry.bytes_per_token_layer), np.uint8)
         de_layer = task.de_layers.get(layer)
         de_pos = {index: pos for pos, index in enumerate(de_layer.blocks)} if de_layer else {}
@@ -230,16 +242,23 @@ class PrefillEngine:
             if task.sides[index] == "pe":
                 rows[index * tokens : (index + 1) * tokens] = task.pe_blocks[index][layer]
             else:
-                assert de_layer is not None  # _wait_layer() awaited it
+                if de_layer is None:
+                    raise RuntimeError(f"{task.task_id}: layer {layer} of DE-read KV used before it arrived")
                 pos = de_pos[index]
                 rows[index * tokens : (index + 1) * tokens] = de_layer.data[pos * tokens : (pos + 1) * tokens]
-        return rows[: task.cached]
+        return rows[: task.hit_tokens]
 
     async def _wait_layer(self, task: _Task, layer: int) -> None:
         """Wait until the DE-side KV of ``layer`` has arrived (if the usable prefix needs any)."""
-        assert task.cached is not None
-        needs = any(task.sides[i] == "de" for i in range(-(-task.cached // self._geometry.block_tokens)))
-        deadline = asyncio.get_running_loop().time() + tasks.peer_timeout_s(self._config)
+        needs = any(task.sides[i] == "de" for i in range(-(-task.hit_tokens // self._geometry.block_tokens)))
+        started = asyncio.get_running_loop().time()
+        deadline = started + tasks.peer_timeout_s(self._config)
+        try:
+            await self._wait_layer_until(task, layer, needs, deadline)
+        finally:
+            self.layer_wait_seconds += asyncio.get_running_loop().time() - started
+
+    async def _wait_layer_until(self, task: _Task, layer: int, needs: bool, deadline: float) -> None:
         while needs and layer not in task.de_layers:
             if task.failed is not None:
                 raise _TaskFailedError(task.failed)
@@ -254,8 +273,7 @@ class PrefillEngine:
                 continue
 
     def _cached_kv(self, task: _Task, layer: int, cached: int) -> layout.ByteArray:
-        assert task.cached is not None
-        parts = [self._hit_rows(task, layer)] if task.cached else []
+        parts = [self._hit_rows(task, layer)] if task.hit_tokens else []
         parts += task.computed[layer]
         if not parts:
             return np.zeros((0, self._geometry.bytes_per_token_layer), np.uint8)
@@ -266,18 +284,18 @@ class PrefillEngine:
 
     def _send_layer(self, task: _Task, layer: int, start: int, new_kv: layout.ByteArray) -> None:
         """Queue layer KV for the DE: PE-side hits (first time) and the newly computed tokens."""
-        if not task.hits_sent and task.cached:
+        if not task.hits_sent and task.hit_tokens:
             rows = self._hit_rows(task, layer)
             tokens = self._geometry.block_tokens
             index = 0
-            while index * tokens < task.cached:
+            while index * tokens < task.hit_tokens:
                 if task.sides[index] != "pe":
                     index += 1
                     continue
                 first = index
-                while index * tokens < task.cached and task.sides[index] == "pe":
+                while index * tokens < task.hit_tokens and task.sides[index] == "pe":
                     index += 1
-                end = min(index * tokens, task.cached)
+                end = min(index * tokens, task.hit_tokens)
                 task.outbox.put(
                     messages.PeLayer(task.task_id, layer, first * tokens, rows[first * tokens : end])
                 )
@@ -327,8 +345,7 @@ class PrefillEngine:
                 self._spawn(self._complete(task, first))
 
     async def _complete(self, task: _Task, first_token: int) -> None:
-        assert task.cached is not None
-        task.outbox.put(messages.PrefillDone(task.task_id, task.cached, first_token))
+        task.outbox.put(messages.PrefillDone(task.task_id, task.hit_tokens, first_token))
         await task.outbox.close()
         self._tasks.pop(task.task_id, None)
         self._finished.add(task.task_id)
@@ -337,7 +354,7 @@ class PrefillEngine:
         self._report(
             task.task_id,
             prefill_done=True,
-            cached_tokens=task.cached,
+            cached_tokens=task.hit_tokens,
             kv_read_bytes_pe=task.read_bytes_pe,
         )
 

@@ -61,6 +61,25 @@ class _EngineCollector:
         )
         steps.add_metric([self._role], count)
         yield steps
+        path = "pe" if self._role == "prefill" else "de"
+        read = core.CounterMetricFamily(
+            "dualpath_engine_kv_read_bytes", "KV bytes read from storage, by read path.", labels=["path"]
+        )
+        read.add_metric([path], self._engine.read_bytes_total)
+        yield read
+        if isinstance(self._engine, prefill.PrefillEngine):
+            wait = core.CounterMetricFamily(
+                "dualpath_engine_prefill_layer_wait_seconds",
+                "Time prefill stalled waiting for DE-read KV layers.",
+            )
+            wait.add_metric([], self._engine.layer_wait_seconds)
+            yield wait
+        else:
+            persisted = core.CounterMetricFamily(
+                "dualpath_engine_kv_persisted_blocks", "Full Blocks written to storage by this engine."
+            )
+            persisted.add_metric([], self._engine.persisted_blocks)
+            yield persisted
 
 
 TransportFactory = Callable[[base.Nic, base.TransportMetrics], base.Transport]

@@ -7,6 +7,7 @@ Called by ``engine.prefill`` and ``engine.decode``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -91,5 +92,28 @@ class Outbox:
 
 
 def peer_timeout_s(engine_config: config.EngineConfig) -> float:
-    """How long an engine waits for its peer's KV before giving the task up (scheduler retries it)."""
-    return max(10.0, 4 * engine_config.transport.connect_timeout_s)
+    """How long a PE waits for one layer of DE-read KV before giving the task up (scheduler retries it)."""
+    return max(30.0, 4 * engine_config.transport.connect_timeout_s)
+
+
+ORPHAN_TIMEOUT_S = 300.0
+"""A DE gives up a task whose prefill has not completed after this long (a leak guard: normally the
+scheduler cancels tasks of a lost PE long before)."""
+
+
+class RecentIds:
+    """The last ``capacity`` finished task ids (repeats of them are ignored), bounded in memory."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._capacity = capacity
+
+    def add(self, task_id: str) -> None:
+        """Remember ``task_id``, forgetting the oldest beyond capacity."""
+        self._ids[task_id] = None
+        self._ids.move_to_end(task_id)
+        while len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._ids
