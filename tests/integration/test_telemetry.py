@@ -143,6 +143,14 @@ async def test_prometheus_collector_on_real_prometheus_and_node_exporters(tmp_pa
                 assert (pe_s.transport, de_s.transport) == ("tcp", "tcp")
                 assert pe_s.ttft_p90_s is not None and 0.1 < pe_s.ttft_p90_s <= 0.25
 
+                # Freshness queries see both nodes' and engines' latest samples (else staleness is blind).
+                for name, label in (("node_freshness", "node"), ("engine_freshness", "pod")):
+                    fresh = await collector.query(collector.render(getattr(collector.queries, name), WINDOW))
+                    assert sorted(f.labels[label] for f in fresh) == (
+                        ["n0", "n1"] if label == "node" else ["de-0", "pe-0"]
+                    )
+                    assert all(0 <= f.time - f.value < 2 * WINDOW for f in fresh)
+
                 # n1's node_exporter dies: once its last samples leave the window, n1 is missing.
                 exporters[1].stop()
                 s = await poll(

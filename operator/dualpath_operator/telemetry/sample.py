@@ -39,6 +39,8 @@ EngineField = Literal[
 _RATES_OF_SNIC: tuple[NodeField, ...] = ("snic_rx_bps", "snic_kv_rx_bps")
 _RATES_OF_CNIC: tuple[NodeField, ...] = ("cnic_tx_bps", "cnic_rx_bps")
 _LATENCIES: frozenset[str] = frozenset({"ttft_p90_s", "tpot_p90_s"})
+_ENGINE_RATES: tuple[EngineField, ...] = ("kv_read_pe_bps", "kv_read_de_bps", "transport_rate_bps")
+_TRANSPORTS: dict[str, types.TransportKind] = {"rdma": "rdma", "cuda": "cuda", "tcp": "tcp"}
 
 
 class CollectorSettings(BaseModel):
@@ -166,7 +168,7 @@ class SampleBuilder:
         if pod not in self.engines:
             return
         self.reported.add(pod)
-        self.transport[pod] = kind if kind in ("rdma", "cuda", "tcp") else "unknown"  # type: ignore[assignment]
+        self.transport[pod] = _TRANSPORTS.get(kind, "unknown")
 
     def set_all_engines(self, name: EngineField, value: float) -> None:
         """A cluster-wide value (e.g. the scheduler's TTFT quantile) recorded on every engine."""
@@ -227,10 +229,13 @@ class SampleBuilder:
 
     def _engine(self, target: EngineTarget) -> types.EngineSample:
         values = self.engines[target.pod]
-        rate = values.get("transport_rate_bps")
-        if rate is not None and rate > self.settings.max_rate_bps:
-            self.problem(f"garbage: engine {target.pod} transport_rate_bps is {rate:.4g} B/s")
-            values["transport_rate_bps"] = None
+        for name in _ENGINE_RATES:
+            rate = values.get(name)
+            if rate is not None and rate > self.settings.max_rate_bps:
+                self.problem(
+                    f"garbage: engine {target.pod} {name} is {rate:.4g} B/s, above the sanity ceiling"
+                )
+                values[name] = None
         if target.pod not in self.reported:
             self.problem(f"engine {target.pod} (node {target.node}): no metrics")
         else:

@@ -172,3 +172,27 @@ async def test_unemulated_nics_use_the_configured_line_rate() -> None:
     assert s.complete
     assert s.nodes["n0"].snic_capacity_bps == 50e9
     assert s.nodes["n0"].cnic_capacity_bps is None
+
+
+async def test_engines_sharing_a_node_add_their_traffic_but_not_their_storage_nic() -> None:
+    first, second = servers.FakeEngine(role="decode"), servers.FakeEngine(role="decode")
+    async with servers.serve(first.handle) as url1, servers.serve(second.handle) as url2:
+        targets = [
+            sample.EngineTarget("de-0", "n1", "decode", f"{url1}/metrics"),
+            sample.EngineTarget("de-1", "n1", "decode", f"{url2}/metrics"),
+        ]
+        clock = Clock()
+        async with scrape.ScrapeCollector(clock=clock) as collector:
+            await collector.collect(targets, window_s=WINDOW)
+            await first.storage.receive(30_000_000)
+            await second.storage.receive(10_000_000)
+            first.traffic.read_bytes.labels("de_read").inc(20_000_000)
+            second.traffic.read_bytes.labels("de_read").inc(10_000_000)
+            clock.now += 2
+            s = await collector.collect(targets, window_s=WINDOW)
+    assert s.complete
+    n1 = s.nodes["n1"]
+    assert n1.snic_rx_bps == pytest.approx(20e6)
+    assert n1.snic_kv_rx_bps == pytest.approx(15e6)
+    assert n1.snic_capacity_bps == 25e9  # one shared storage NIC, not 2 x 25e9
+    assert n1.cnic_capacity_bps == 100e9  # each engine its own compute NIC
