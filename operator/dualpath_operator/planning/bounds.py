@@ -144,14 +144,39 @@ class Limits:
         return not self.violations(prefill, decode)
 
 
+def decode_range(limits: Limits, prefill: int) -> tuple[int, int] | None:
+    """The feasible decode counts for ``prefill`` groups, as ``(lowest, highest)``: for a fixed P
+    every limit bounds D from one side, so they form one interval. ``None`` when there is none."""
+    if not limits.prefill_min <= prefill <= limits.prefill_max:
+        return None
+    lo, hi = limits.decode_min, limits.decode_max
+    if limits.gpu_budget is not None:
+        hi = min(hi, (limits.gpu_budget - prefill * limits.prefill_gpus) // limits.decode_gpus)
+    b = limits.bound
+    if b is not None:
+        # Start just outside the real-valued edges, then step to the exact ones with contains().
+        lo = max(lo, math.ceil(prefill / b.upper) - 1 if b.upper > 0 else hi + 1)
+        hi = min(hi, math.floor(prefill / b.lower) + 1 if b.lower > 0 else hi)
+        while lo <= hi and not b.contains(prefill, lo):
+            lo += 1
+        while hi >= lo and not b.contains(prefill, hi):
+            hi -= 1
+    return (lo, hi) if lo <= hi else None
+
+
+def feasible_ranges(limits: Limits) -> list[tuple[int, int, int]]:
+    """``(P, lowest D, highest D)`` for every P that has a feasible D, ordered by P."""
+    out = []
+    for p in range(limits.prefill_min, limits.prefill_max + 1):
+        r = decode_range(limits, p)
+        if r is not None:
+            out.append((p, r[0], r[1]))
+    return out
+
+
 def feasible_pairs(limits: Limits) -> list[tuple[int, int]]:
     """All feasible ``(P, D)``, ordered by P then D."""
-    return [
-        (p, d)
-        for p in range(limits.prefill_min, limits.prefill_max + 1)
-        for d in range(limits.decode_min, limits.decode_max + 1)
-        if limits.feasible(p, d)
-    ]
+    return [(p, d) for p, lo, hi in feasible_ranges(limits) for d in range(lo, hi + 1)]
 
 
 def limits_from_spec(
@@ -178,7 +203,7 @@ def limits_from_spec(
         )
         return dataclasses.replace(base, notes=(note,))
     bounded = dataclasses.replace(base, bound=bound)
-    if not feasible_pairs(bounded):
+    if not feasible_ranges(bounded):
         note = (
             f"validity bound {bound.describe()} not enforced: no pair within min/max and gpuBudget meets it"
         )
@@ -189,11 +214,12 @@ def limits_from_spec(
 def nearest_feasible(limits: Limits, prefill: int, decode: int) -> tuple[int, int] | None:
     """The feasible pair closest to ``(prefill, decode)``: fewest groups moved, then keeping P+D,
     then fewer GPUs, then fewer prefill groups. ``None`` when nothing is feasible."""
-    pairs = feasible_pairs(limits)
-    if not pairs:
+    # For each P the closest D is the clamp of ``decode`` into its range; compare those.
+    candidates = [(p, min(max(decode, lo), hi)) for p, lo, hi in feasible_ranges(limits)]
+    if not candidates:
         return None
     return min(
-        pairs,
+        candidates,
         key=lambda pd: (
             abs(pd[0] - prefill) + abs(pd[1] - decode),
             abs((pd[0] + pd[1]) - (prefill + decode)),

@@ -135,3 +135,61 @@ def test_inside_the_bound_no_link_is_over_its_line_rate(
     assert (s / gpus) * (r + 2) <= 1 + eps  # DE CNIC read
     assert (s / gpus) * (2 * r + 1) <= 1 + eps  # DE CNIC write
     assert (3 + 2 * r) * s <= m_over_bs * s + eps  # DE DRAM
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prefill=st.tuples(st.integers(1, 6), st.integers(0, 6)),
+    decode=st.tuples(st.integers(1, 6), st.integers(0, 6)),
+    gpus=st.tuples(st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 2, 4, 8])),
+    budget=st.none() | st.integers(2, 120),
+    shape=st.none() | st.tuples(st.integers(2, 16), st.floats(0.2, 3), st.floats(4, 30)),
+    at=st.tuples(st.integers(0, 14), st.integers(0, 14)),
+)
+def test_ranges_and_nearest_agree_with_brute_force(
+    prefill: tuple[int, int],
+    decode: tuple[int, int],
+    gpus: tuple[int, int],
+    budget: int | None,
+    shape: tuple[int, float, float] | None,
+    at: tuple[int, int],
+) -> None:
+    bound = None
+    if shape is not None:
+        g, s, m = shape
+        b = bounds.validity_bound(
+            bounds.NodeShape(gpus=g, cnic_bytes_per_s=1.0, snic_bytes_per_s=s, memory_bytes_per_s=m * s)
+        )
+        bound = None if b.empty else b
+    limits = bounds.Limits(
+        prefill_min=prefill[0],
+        prefill_max=prefill[0] + prefill[1],
+        decode_min=decode[0],
+        decode_max=decode[0] + decode[1],
+        prefill_gpus=gpus[0],
+        decode_gpus=gpus[1],
+        gpu_budget=budget,
+        bound=bound,
+    )
+    brute = [
+        (p, d)
+        for p in range(limits.prefill_min, limits.prefill_max + 1)
+        for d in range(limits.decode_min, limits.decode_max + 1)
+        if limits.feasible(p, d)
+    ]
+    assert bounds.feasible_pairs(limits) == brute
+    nearest = bounds.nearest_feasible(limits, *at)
+    if not brute:
+        assert nearest is None
+        return
+    assert nearest in brute
+    dist = abs(nearest[0] - at[0]) + abs(nearest[1] - at[1])
+    assert dist == min(abs(p - at[0]) + abs(d - at[1]) for p, d in brute)
+
+
+def test_large_clusters_are_cheap() -> None:
+    spec = samples.spec(prefill=(1, 1024), decode=(1, 1024))
+    limits = bounds.limits_from_spec(spec, PAPER)
+    ranges = bounds.feasible_ranges(limits)
+    assert ranges[0] == (1, 1, 7) and ranges[-1] == (1024, 293, 1024)
+    assert bounds.nearest_feasible(limits, 1000, 1) == (1000, 286)
