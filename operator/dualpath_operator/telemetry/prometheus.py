@@ -174,6 +174,10 @@ class PrometheusCollector:
             ) from exc
         except aiohttp.ClientError as exc:
             raise QueryError(f"Prometheus at {self.base_url} unreachable: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise QueryError(
+                f"Prometheus at {self.base_url} answered bytes that are not text: {exc}"
+            ) from exc
         return _parse(text, response.status, promql)
 
     async def _named(

@@ -171,6 +171,8 @@ class ScrapeCollector:
             return f"{url} did not answer within {self.settings.request_timeout_s:g}s"
         except aiohttp.ClientError as exc:
             return f"{url} unreachable: {exc}"
+        except UnicodeDecodeError as exc:
+            return f"{url} answered bytes that are not text: {exc}"
         try:
             scrape = parse(text, self._clock())
         except ValueError as exc:

@@ -52,12 +52,17 @@ class FakePrometheus:
         self.queries: list[str] = []
         self.hang = asyncio.Event()
         self.release = asyncio.Event()
+        self.raw: tuple[int, bytes] | None = None
+        """When set, every query gets this status and body (charset utf-8)."""
 
     async def handle(self, request: web.Request) -> web.Response:
         query = request.query.get("query", "")
         self.queries.append(query)
         if self.hang.is_set():
             await self.release.wait()
+        if self.raw is not None:
+            status, body = self.raw
+            return web.Response(status=status, body=body, content_type="text/html", charset="utf-8")
         if query in self.errors:
             status, message = self.errors[query]
             return web.json_response(
@@ -104,10 +109,15 @@ class FakeEngine:
         self.running_tokens.labels(role).set(0)
         self.running_requests.labels(role).set(0)
         self.broken = False
+        self.raw: tuple[int, bytes] | None = None
+        """When set, answer this status and body (charset utf-8) instead."""
 
     async def handle(self, request: web.Request) -> web.Response:
         if self.broken:
             return web.Response(text="this is { not prometheus text\n")
+        if self.raw is not None:
+            status, body = self.raw
+            return web.Response(status=status, body=body, content_type="text/plain", charset="utf-8")
         return web.Response(body=prometheus_client.generate_latest(self.registry), content_type="text/plain")
 
 

@@ -282,3 +282,30 @@ def test_window_durations() -> None:
     assert prometheus.promql_duration(2.5) == "2500ms"
     with pytest.raises(ValueError):
         prometheus.promql_duration(0)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "problem"),
+    [
+        (502, b"<html>bad gateway</html>", "Prometheus answered HTTP 502 with a body that is not JSON"),
+        (200, b"\xff\xfe\x00", "answered bytes that are not text"),
+        (
+            200,
+            b'{"status": "success", "data": {"resultType": "matrix", "result": []}}',
+            "not an instant vector",
+        ),
+        (
+            200,
+            b'{"status": "success", "data": {"resultType": "vector", "result": [{"value": 1}]}}',
+            "malformed",
+        ),
+    ],
+)
+async def test_answers_that_are_not_query_results_are_problems(
+    status: int, body: bytes, problem: str
+) -> None:
+    async with fake() as (prom, collector):
+        prom.raw = (status, body)
+        s = await collector.collect(TARGETS, window_s=WINDOW)
+    assert any(problem in p for p in s.problems), s.problems
+    assert not s.complete

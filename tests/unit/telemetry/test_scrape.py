@@ -196,3 +196,22 @@ async def test_engines_sharing_a_node_add_their_traffic_but_not_their_storage_ni
     assert n1.snic_kv_rx_bps == pytest.approx(15e6)
     assert n1.snic_capacity_bps == 25e9  # one shared storage NIC, not 2 x 25e9
     assert n1.cnic_capacity_bps == 100e9  # each engine its own compute NIC
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "problem"),
+    [
+        (200, b"\xff\xfe\x00garbage", "answered bytes that are not text"),
+        (503, b"overloaded", "answered HTTP 503"),
+    ],
+)
+async def test_engine_answers_that_are_not_metrics_are_problems(
+    status: int, body: bytes, problem: str
+) -> None:
+    engine = servers.FakeEngine()
+    engine.raw = (status, body)
+    async with servers.serve(engine.handle) as url:
+        target = sample.EngineTarget("pe-0", "n0", "prefill", f"{url}/metrics")
+        async with scrape.ScrapeCollector() as collector:
+            s = await collector.collect([target], window_s=WINDOW)
+    assert any(p.startswith(f"engine pe-0: {url}/metrics {problem}") for p in s.problems), s.problems
