@@ -158,3 +158,19 @@ def test_module_entry_point(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(proc.stdout)["decision"]["action"] == "ShiftToPrefill"
+
+
+def test_the_documented_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = (Path(__file__).parents[3] / "docs" / "rebalancing.md").read_text()
+    section = doc[doc.index("## Preview what it would do") :]
+    example = section[
+        section.index("```yaml") + len("```yaml") : section.index("```", section.index("```yaml") + 7)
+    ]
+    obs = yaml.safe_load(example)
+    rc, out, _ = run_cli(write(tmp_path, samples.cluster_body(), obs), capsys)
+    assert rc == 0
+    assert out["pathWeights"]["held"] is False
+    assert {w["node"]: w["weight"] for w in out["pathWeights"]["status"]} == pytest.approx(
+        {"node-a": 2 / 3, "node-b": 1 / 3}
+    )
+    assert out["decision"]["action"] == "HoldStabilizing"
