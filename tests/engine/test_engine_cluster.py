@@ -158,3 +158,35 @@ def test_engine_health_and_metrics_endpoints(tmp_path: pathlib.Path) -> None:
             assert "dualpath_engine_storage_read_queue_tokens" in names
             assert "dualpath_engine_transport_info" in names
             assert "dualpath_engine_kv_read_bytes_total" in names
+
+
+def test_role_switch_in_place_keeps_serving_identical_tokens(
+    tmp_path: pathlib.Path, reference_model: llama.Decoder
+) -> None:
+    token = tmp_path / "admin-token"
+    token.write_text("s3cret\n")
+    with harness.cluster(tmp_path, scheduler_extra={"admin_token_file": str(token)}) as cluster:
+        pe, _, de1 = cluster.engines
+        for group, role in (("decode-1", "prefill"), ("prefill-0", "decode")):
+            request = urllib.request.Request(
+                cluster.url + "/admin/v1/role",
+                json.dumps({"group_id": group, "role": role}).encode(),
+                {"Content-Type": "application/json", "Authorization": "Bearer s3cret"},
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert response.status in (200, 202)
+
+        def role_of(engine: harness.Engine) -> str:
+            with urllib.request.urlopen(engine.http + "/healthz", timeout=5) as response:
+                return str(json.load(response)["role"])
+
+        harness.wait_for(
+            "both groups switched", lambda: (role_of(de1), role_of(pe)) == ("prefill", "decode"), 30
+        )
+        history = tok.encode(SESSIONS[1], bos=True)
+        for turn in range(2):
+            generated = cluster.complete(history, TURN_TOKENS)["choices"][0]["token_ids"]
+            assert generated == llama.greedy_reference(reference_model, history, TURN_TOKENS), f"turn {turn}"
+            history = [*history, *generated, *tok.encode(" more")]
+        assert de1.metric("dualpath_engine_steps_total", role="prefill") >= 2  # the old DE now prefills
+        assert pe.metric("dualpath_engine_steps_total", role="prefill") == 0

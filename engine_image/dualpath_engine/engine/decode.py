@@ -140,6 +140,10 @@ class DecodeEngine:
             self._accept(task, message)
         self._spawn(self._watchdog(task))
 
+    def knows(self, task_id: str) -> bool:
+        """Whether the task is running here."""
+        return task_id in self._tasks
+
     def cancel(self, task_id: str) -> None:
         """Drop a task."""
         task = self._tasks.pop(task_id, None)

@@ -5,7 +5,8 @@ long-polls ``POST /engine/v1/fetch`` (``scheduler.protocol``) with every engine'
 memory, the node's storage read queue (tokens and bytes) and each engine's transport endpoint; it hands
 assignments and cancels to the engines and acknowledges each reply in the next fetch. Events the
 engines produce are queued and posted in batches to ``POST /engine/v1/results``; cancels in the ack are
-applied too. A scheduler that is down is retried with capped backoff; the engines keep running.
+applied too. A reply naming another role switches the group in place (``on_role``). A scheduler that
+is down is retried with capped backoff; the engines keep running.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class GroupLeader:
         read_queue: Callable[[], tuple[int, int]],
         free_hbm: Callable[[Engine], int],
         wait_s: float = 1.0,
+        on_role: Callable[[protocol.Role], Sequence[Engine]] | None = None,
     ) -> None:
         self._url = scheduler_url.rstrip("/")
         self._group_id = group_id
@@ -70,6 +72,7 @@ class GroupLeader:
         self._read_queue = read_queue
         self._free_hbm = free_hbm
         self._wait_s = wait_s
+        self._on_role = on_role
         self.incarnation = uuid.uuid4().hex
         self._ack: int | None = None
         self._events: asyncio.Queue[protocol.TaskEvent] = asyncio.Queue()
@@ -110,8 +113,17 @@ class GroupLeader:
             wait_s=self._wait_s,
         )
 
+    @property
+    def role(self) -> protocol.Role:
+        """The role the group reports."""
+        return self._role
+
     def apply(self, reply: protocol.FetchReply) -> None:
-        """Hand a reply's cancels and assignments to the engines."""
+        """Switch role if told to (the scheduler drained the group first), then hand the reply's cancels
+        and assignments to the engines."""
+        if reply.role != self._role and self._on_role is not None:
+            self._engines = list(self._on_role(reply.role))
+            self._role = reply.role
         for cancel in reply.cancels:
             for engine in self._engines:
                 engine.cancel(cancel.task_id)
@@ -149,7 +161,9 @@ class GroupLeader:
             self.connected.set()
             self.apply(reply)
             if reply.role != self._role:
-                log.warning("scheduler asks for role %s; this group is %s", reply.role, self._role)
+                log.warning(
+                    "scheduler asks for role %s; this group cannot switch from %s", reply.role, self._role
+                )
 
     async def run_results(self, session: aiohttp.ClientSession) -> None:
         """Post queued events in batches forever; failed posts are retried in order."""

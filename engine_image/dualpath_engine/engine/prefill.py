@@ -142,6 +142,10 @@ class PrefillEngine:
             self._accept(task, message)
         self._wakeup.set()
 
+    def knows(self, task_id: str) -> bool:
+        """Whether the task is running here."""
+        return task_id in self._tasks
+
     def cancel(self, task_id: str) -> None:
         """Drop a task (the scheduler no longer wants it)."""
         task = self._tasks.pop(task_id, None)

@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import core
 
 from dualpath_engine import config
-from dualpath_engine.engine import decode, leader, links, prefill, profiling
+from dualpath_engine.engine import decode, leader, links, messages, prefill, profiling
 from dualpath_engine.engine import runner as runner_api
 from dualpath_engine.kv import layout, readqueue, storage
 from dualpath_engine.scheduler import protocol
@@ -32,54 +32,72 @@ from dualpath_engine.transfer import base, sysfs, tcp
 log = logging.getLogger(__name__)
 
 
-class _EngineCollector:
-    """Engine loop counters read at scrape time."""
+class _Roles:
+    """Both engines of a group process and which role is active (in-place role switch, paper-style
+    P/D rebalancing: the scheduler drains the group first, then tells the leader its new role)."""
 
-    def __init__(self, engine: prefill.PrefillEngine | decode.DecodeEngine, role: str) -> None:
-        self._engine = engine
-        self._role = role
+    def __init__(self, pe: prefill.PrefillEngine, de: decode.DecodeEngine, role: protocol.Role) -> None:
+        self.pe = pe
+        self.de = de
+        self.role: protocol.Role = role
+
+    @property
+    def active(self) -> prefill.PrefillEngine | decode.DecodeEngine:
+        """The engine of the current role."""
+        return self.pe if self.role == "prefill" else self.de
+
+    def switch(self, role: protocol.Role) -> list[leader.Engine]:
+        """Become ``role``; returns the engines the leader now reports."""
+        log.warning("switching role %s -> %s", self.role, role)
+        self.role = role
+        return [self.active]
+
+    async def dispatch(self, message: messages.Message) -> None:
+        """Route a transport message: DE->PE kinds to the PE, PE->DE kinds to the DE."""
+        if isinstance(message, messages.HitReport | messages.DeLayer):
+            await self.pe.handle(message)
+        elif isinstance(message, messages.PeLayer | messages.PrefillDone):
+            await self.de.handle(message)
+        else:
+            owner = next((e for e in (self.pe, self.de) if e.knows(message.task_id)), self.active)
+            await owner.handle(message)
 
     def collect(self) -> Iterator[core.Metric]:
-        seq, tok = self._engine.load()
+        """Engine loop counters of both roles, read at scrape time."""
         running = core.GaugeMetricFamily(
             "dualpath_engine_running_requests", "Requests assigned and not finished.", labels=["role"]
         )
-        running.add_metric([self._role], seq)
-        yield running
         tokens = core.GaugeMetricFamily(
             "dualpath_engine_running_tokens", "Tokens of the running requests.", labels=["role"]
         )
-        tokens.add_metric([self._role], tok)
-        yield tokens
         steps = core.CounterMetricFamily(
             "dualpath_engine_steps", "Forward batches (prefill) or decode steps run.", labels=["role"]
         )
-        count = (
-            self._engine.batches_run
-            if isinstance(self._engine, prefill.PrefillEngine)
-            else self._engine.steps_run
-        )
-        steps.add_metric([self._role], count)
-        yield steps
-        path = "pe" if self._role == "prefill" else "de"
         read = core.CounterMetricFamily(
             "dualpath_engine_kv_read_bytes", "KV bytes read from storage, by read path.", labels=["path"]
         )
-        read.add_metric([path], self._engine.read_bytes_total)
-        yield read
-        if isinstance(self._engine, prefill.PrefillEngine):
-            wait = core.CounterMetricFamily(
-                "dualpath_engine_prefill_layer_wait_seconds",
-                "Time prefill stalled waiting for DE-read KV layers.",
-            )
-            wait.add_metric([], self._engine.layer_wait_seconds)
-            yield wait
-        else:
-            persisted = core.CounterMetricFamily(
-                "dualpath_engine_kv_persisted_blocks", "Full Blocks written to storage by this engine."
-            )
-            persisted.add_metric([], self._engine.persisted_blocks)
-            yield persisted
+        for role, engine, count in (
+            ("prefill", self.pe, self.pe.batches_run),
+            ("decode", self.de, self.de.steps_run),
+        ):
+            seq, tok = engine.load()
+            running.add_metric([role], seq)
+            tokens.add_metric([role], tok)
+            steps.add_metric([role], count)
+        read.add_metric(["pe"], self.pe.read_bytes_total)
+        read.add_metric(["de"], self.de.read_bytes_total)
+        yield from (running, tokens, steps, read)
+        wait = core.CounterMetricFamily(
+            "dualpath_engine_prefill_layer_wait_seconds",
+            "Time prefill stalled waiting for DE-read KV layers.",
+        )
+        wait.add_metric([], self.pe.layer_wait_seconds)
+        yield wait
+        persisted = core.CounterMetricFamily(
+            "dualpath_engine_kv_persisted_blocks", "Full Blocks written to storage by this engine."
+        )
+        persisted.add_metric([], self.de.persisted_blocks)
+        yield persisted
 
 
 TransportFactory = Callable[[base.Nic, base.TransportMetrics], base.Transport]
@@ -132,55 +150,58 @@ async def serve(
     endpoint = protocol.TransportEndpoint(kind=kind, host=address.host, port=address.port)
 
     group: leader.GroupLeader
-    engine: prefill.PrefillEngine | decode.DecodeEngine
 
     def post(event: protocol.TaskEvent) -> None:
         group.post(event)
 
-    if engine_config.role == "prefill":
-        time_model = await asyncio.to_thread(
-            profiling.profile, runner, max_context=engine_config.model.max_context_tokens
-        )
-        log.info("attention time model: %s", time_model)
-        engine = prefill.PrefillEngine(
-            engine_config=engine_config,
+    # Both roles are built up front (the model is shared), so a role switch needs no restart.
+    name = engine_config.name
+    time_model = await asyncio.to_thread(
+        profiling.profile, runner, max_context=engine_config.model.max_context_tokens
+    )
+    log.info("attention time model: %s", time_model)
+    roles = _Roles(
+        prefill.PrefillEngine(
+            engine_config=engine_config.model_copy(update={"role": "prefill", "engine_id": name}),
             runner=runner,
             reads=reads,
             links=peer_links,
             events=post,
             time_model=time_model,
-        )
-    else:
-        engine = decode.DecodeEngine(
-            engine_config=engine_config,
+        ),
+        decode.DecodeEngine(
+            engine_config=engine_config.model_copy(update={"role": "decode", "engine_id": name}),
             runner=runner,
             reads=reads,
             links=peer_links,
             events=post,
             storage_nic=nics.storage,
-        )
-    peer_links.handler = engine.handle
-    registry.register(_EngineCollector(engine, engine_config.role))
+        ),
+        engine_config.role,
+    )
+    peer_links.handler = roles.dispatch
+    registry.register(roles)
 
     def free_hbm(member: leader.Engine) -> int:
-        return engine.free_kv_bytes() if isinstance(engine, decode.DecodeEngine) else 0
+        return roles.de.free_kv_bytes() if roles.role == "decode" else 0
 
     group = leader.GroupLeader(
         scheduler_url=engine_config.scheduler_url,
         group_id=group_id(engine_config),
         role=engine_config.role,
         node=engine_config.node_name,
-        engines=[engine],
+        engines=[roles.active],
         endpoints=lambda: [endpoint],
         read_queue=lambda: (reads.depth_tokens, reads.depth_bytes),
         free_hbm=free_hbm,
+        on_role=roles.switch,
     )
 
     app = web.Application()
 
     async def healthz(request: web.Request) -> web.Response:
         status = 200 if group.connected.is_set() else 503
-        body = {"engine": engine.engine_id, "role": engine_config.role, "scheduler": group.connected.is_set()}
+        body = {"engine": name, "role": roles.role, "scheduler": group.connected.is_set()}
         return web.json_response(body, status=status)
 
     async def metrics(request: web.Request) -> web.Response:
@@ -205,7 +226,8 @@ async def serve(
     background: list[asyncio.Task[None]] = []
     session = aiohttp.ClientSession()
     try:
-        background.append(asyncio.create_task(engine.run()))
+        background.append(asyncio.create_task(roles.pe.run()))
+        background.append(asyncio.create_task(roles.de.run()))
         background.append(asyncio.create_task(group.run_fetch(session)))
         background.append(asyncio.create_task(group.run_results(session)))
         if engine_config.network.sysfs_root:
@@ -216,8 +238,8 @@ async def serve(
         if ready is not None:
             ready(
                 {
-                    "engine": engine.engine_id,
-                    "role": engine_config.role,
+                    "engine": name,
+                    "role": roles.role,
                     "http": f"http://{engine_config.host}:{http_port}",
                     "transport": {"host": address.host, "port": address.port},
                 }
