@@ -138,6 +138,14 @@ def due(
     return _due(spec, state, sample, params or RatioParams())
 
 
+def last_change_from_status(decision: api_status.Decision | None) -> dt.datetime | None:
+    """``status.lastDecision.time`` when that decision changed the ratio, else ``None``: the
+    ``last_change`` argument of :func:`decide` after an operator restart."""
+    if decision is None or decision.action not in CHANGES:
+        return None
+    return decision.time
+
+
 def pressure(
     spec: api.DualPathClusterSpec, sample: telemetry.TelemetrySample, params: RatioParams
 ) -> Pressure | list[str]:

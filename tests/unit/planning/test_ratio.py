@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from dualpath_operator.planning import ratio, telemetry
+from dualpath_operator.planning import ratio
 from tests.unit.planning import samples
 
 pytestmark = pytest.mark.timeout(60)
@@ -254,7 +254,9 @@ def test_decision_is_a_valid_status_value() -> None:
     assert all(isinstance(v, str) for v in (o.decision.inputs or {}).values())
 
 
-def test_sample_type_roles() -> None:
-    s = samples.load((2, 3))
-    assert len(s.engines_of("prefill")) == 2 and len(s.engines_of("decode")) == 3
-    assert isinstance(s.engines[0], telemetry.EngineSample)
+def test_last_change_from_status_only_counts_changes() -> None:
+    ((moved, _),) = run({"windows": 1}, (2, 4), 1, ttft_s=6.0)
+    ((held, _),) = run({"windows": 1}, (2, 4), 1)
+    assert ratio.last_change_from_status(moved.decision) == T0
+    assert ratio.last_change_from_status(held.decision) is None
+    assert ratio.last_change_from_status(None) is None
