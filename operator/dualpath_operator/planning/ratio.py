@@ -219,7 +219,9 @@ def decide(
     last_change: dt.datetime | None = None,
     params: RatioParams | None = None,
 ) -> tuple[Outcome, RatioState]:
-    """One interval's ratio decision. ``current`` is the (prefill, decode) the cluster runs now;
+    """One interval's ratio decision. ``current`` is the (prefill, decode) the operator converges to
+    now (``planner.desired_counts``, not the ready counts: while the sample's engines differ from it
+    the decision is ``HoldConverging``);
     ``last_change`` is the time of the last ratio change known outside memory (status.lastDecision
     when its action changed the ratio); the later of it and ``state.last_change_at`` starts the
     cooldown. Pure: the same inputs always give the same outputs."""
