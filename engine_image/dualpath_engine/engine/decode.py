@@ -238,7 +238,8 @@ class DecodeEngine:
         for task in list(self._tasks.values()):
             if task.done is None or task.decoding or task.buffer is None:
                 continue
-            self._runner.load_sequence(task.task_id, task.buffer)
+            sampling = tasks.sampling_of(task.assignment.sampling, task.task_id)
+            self._runner.load_sequence(task.task_id, task.buffer, sampling)
             task.buffer = None
             task.decoding = True
             self._spawn(task.outbox.close())

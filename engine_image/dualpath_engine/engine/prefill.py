@@ -309,7 +309,10 @@ class PrefillEngine:
         entries = [(self._tasks[entry.request_id], entry) for entry in batch]
         items = [
             runner_api.PrefillItem(
-                task.task_id, entry.cached, task.prompt[entry.cached : entry.cached + entry.bsz]
+                task.task_id,
+                entry.cached,
+                task.prompt[entry.cached : entry.cached + entry.bsz],
+                tasks.sampling_of(task.assignment.sampling, task.task_id),
             )
             for task, entry in entries
         ]

@@ -23,6 +23,19 @@ KVArray = npt.NDArray[np.uint8]
 
 
 @dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy when ``temperature`` is 0, else nucleus sampling.
+
+    The random draw for the token at sequence position ``p`` is seeded from ``(seed, p)``, so the PE
+    (first token) and the DE (the rest) draw the same way and a retried request repeats its output.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class PrefillItem:
     """One sequence's share of a prefill batch.
 
@@ -34,6 +47,8 @@ class PrefillItem:
     seq_id: str
     cached_tokens: int
     new_token_ids: tuple[int, ...]
+    sampling: Sampling | None = None
+    """None = greedy."""
 
 
 class PrefillPass(Protocol):
@@ -47,7 +62,7 @@ class PrefillPass(Protocol):
         ...
 
     def finish(self) -> list[int]:
-        """Greedy next token after each item's last new token."""
+        """Next token after each item's last new token (greedy or per the item's ``sampling``)."""
         ...
 
 
@@ -68,12 +83,15 @@ class ModelRunner(Protocol):
         """Start a layer-wise prefill pass over ``items``."""
         ...
 
-    def load_sequence(self, seq_id: str, kv: KVArray) -> None:
-        """Place a sequence's whole KV ``[layers, tokens, bytes]`` on the device for decoding."""
+    def load_sequence(self, seq_id: str, kv: KVArray, sampling: Sampling | None = None) -> None:
+        """Place a sequence's whole KV ``[layers, tokens, bytes]`` on the device for decoding.
+
+        ``sampling`` applies to every token decoded for the sequence; None = greedy.
+        """
         ...
 
     def decode(self, steps: Sequence[tuple[str, int]]) -> list[int]:
-        """Append each ``(seq_id, token)`` to its sequence's KV and return each greedy next token."""
+        """Append each ``(seq_id, token)`` to its sequence's KV and return each next token."""
         ...
 
     def sequence_length(self, seq_id: str) -> int:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 
 from dualpath_engine import config
 from dualpath_engine.engine import messages
+from dualpath_engine.engine import runner as runner_api
 from dualpath_engine.scheduler import protocol
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,20 @@ def read_sides(assignment: protocol.Assignment, mode: str) -> dict[int, protocol
     """
     forced: protocol.Side | None = "pe" if mode in ("basic", "oracle") else None
     return {block.index: forced or block.side for block in assignment.hit_blocks}
+
+
+def sampling_of(params: protocol.SamplingParams, task_id: str) -> runner_api.Sampling | None:
+    """The runner's sampling for a request: None (greedy) at temperature 0.
+
+    Without a client seed the draw is seeded from the request id, so the PE and the DE (and a retry
+    of the same attempt) agree.
+    """
+    if params.temperature <= 0.0:
+        return None
+    request_id = task_id.rsplit(".", 1)[0]
+    derived = int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=7).digest(), "little")
+    seed = params.seed if params.seed is not None else derived
+    return runner_api.Sampling(temperature=params.temperature, top_p=params.top_p, seed=seed)
 
 
 def usable_prefix_tokens(

@@ -39,6 +39,20 @@ def kv_from_host(data: runner_api.KVArray, geo: llama.Geometry, device: torch.de
     return typed.to(device, non_blocking=False)
 
 
+def choose(logits: torch.Tensor, sampling: runner_api.Sampling | None, position: int) -> int:
+    """The next token from float32 ``logits`` [vocab]: argmax, or a seeded nucleus draw on the CPU."""
+    if sampling is None or sampling.temperature <= 0.0:
+        return int(torch.argmax(logits).item())
+    probs = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
+    ordered, order = torch.sort(probs, descending=True)
+    keep = torch.cumsum(ordered, dim=0) - ordered < sampling.top_p  # smallest set reaching top_p
+    keep[0] = True
+    kept = torch.where(keep, ordered, torch.zeros_like(ordered))
+    generator = torch.Generator(device="cpu").manual_seed((sampling.seed * 1_000_003 + position) % (1 << 63))
+    index = int(torch.multinomial(kept / kept.sum(), 1, generator=generator).item())
+    return int(order[index].item())
+
+
 class TorchPrefillPass:
     """A layer-wise forward over one batch (see ``runner_api.PrefillPass``)."""
 
@@ -89,7 +103,10 @@ class TorchPrefillPass:
         ends = np.cumsum([seg.length for seg in self._segments]) - 1
         with torch.no_grad():
             logits = self._model.logits(self._hidden[torch.as_tensor(ends, device=self._device)])
-        return [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
+        return [
+            choose(logits[i], item.sampling, item.cached_tokens + len(item.new_token_ids))
+            for i, item in enumerate(self._items)
+        ]
 
 
 class TorchRunner:
@@ -100,6 +117,7 @@ class TorchRunner:
         self._device = device
         self._kv: dict[str, torch.Tensor] = {}
         self._len: dict[str, int] = {}
+        self._sampling: dict[str, runner_api.Sampling | None] = {}
 
     @property
     def model(self) -> llama.Decoder:
@@ -136,7 +154,9 @@ class TorchRunner:
         self._kv[seq_id] = grown
         return grown
 
-    def load_sequence(self, seq_id: str, kv: runner_api.KVArray) -> None:
+    def load_sequence(
+        self, seq_id: str, kv: runner_api.KVArray, sampling: runner_api.Sampling | None = None
+    ) -> None:
         """Put a sequence's KV ``[layers, tokens, bytes]`` on the device, replacing any earlier KV."""
         if kv.ndim != 3 or kv.shape[0] != self.num_layers:
             raise runner_api.RunnerError(
@@ -147,6 +167,7 @@ class TorchRunner:
         store = self._reserve(seq_id, tokens + 1)
         store[:, :tokens] = kv_from_host(kv, self._model.geo, self._device)
         self._len[seq_id] = tokens
+        self._sampling[seq_id] = sampling
 
     def decode(self, steps: Sequence[tuple[str, int]]) -> list[int]:
         """One decode step for each ``(seq_id, token)``; each sequence at most once per call."""
@@ -172,7 +193,9 @@ class TorchRunner:
             logits = self._model.logits(hidden)
         for seq in seq_ids:
             self._len[seq] += 1
-        return [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
+        if all(self._sampling.get(seq) is None for seq in seq_ids):
+            return [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
+        return [choose(logits[i], self._sampling.get(seq), self._len[seq]) for i, seq in enumerate(seq_ids)]
 
     def sequence_length(self, seq_id: str) -> int:
         """Tokens of KV held for ``seq_id``."""
@@ -191,3 +214,4 @@ class TorchRunner:
         """Free a sequence's device KV."""
         self._kv.pop(seq_id, None)
         self._len.pop(seq_id, None)
+        self._sampling.pop(seq_id, None)

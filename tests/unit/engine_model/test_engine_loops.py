@@ -97,8 +97,17 @@ class Pair:
             chunk_plan=protocol.ChunkPlan(cached_tokens=0, compute_tokens=len(prompt), compute_quota_ms=300),
         )
 
-    async def generate(self, task_id: str, prompt: list[int], gen: int, side: protocol.Side) -> list[int]:
+    async def generate(
+        self,
+        task_id: str,
+        prompt: list[int],
+        gen: int,
+        side: protocol.Side,
+        sampling: protocol.SamplingParams | None = None,
+    ) -> list[int]:
         assignment = self.assignment(task_id, prompt, gen, side)
+        if sampling is not None:
+            assignment = assignment.model_copy(update={"sampling": sampling})
         self.de.assign(assignment)
         self.pe.assign(assignment)
         async with asyncio.timeout(30):
@@ -204,3 +213,21 @@ def test_messages_round_trip_and_prefix_rules() -> None:
     assert tasks.usable_prefix_tokens(sides, {0, 1, 2}, 16, 100) == 48
     assert tasks.usable_prefix_tokens(sides, {0, 2}, 16, 100) == 16
     assert tasks.usable_prefix_tokens(sides, {0, 1, 2}, 16, 48) == 47  # last prompt token is computed
+
+
+async def test_sampled_generation_across_pe_and_de_is_seeded_and_reproducible(pair_factory: object) -> None:
+    assert callable(pair_factory)
+    pair: Pair = pair_factory()
+    prompt = tok.encode("sampling across engines", bos=True)
+    params = protocol.SamplingParams(max_tokens=10, temperature=0.8, top_p=0.95, seed=21, ignore_eos=True)
+    first = await pair.generate("s1", prompt, 10, "pe", params)
+    again = await pair.generate("s2", prompt, 10, "pe", params)
+    assert first == again
+    sampling = tasks.sampling_of(params, "s1")
+    assert sampling is not None
+    ids, expected = list(prompt), []
+    for _ in range(10):
+        token = torch_runner.choose(pair.model(torch.tensor(ids))[-1], sampling, len(ids))
+        expected.append(token)
+        ids.append(token)
+    assert first == expected
