@@ -1,0 +1,275 @@
+"""Engine processes for the replays: one scheduler and PnD engines on loopback, one emulated node (own
+storage NIC) per engine, free ports picked at run time (port 0, read back from each ready line), every
+process stopped by PID. On GPUs each engine gets a device (``local_rank``): prefill engines on the first
+share of the GPUs, decode engines on the rest.
+
+Used by :mod:`bench.engine.replay`; mirrors ``tests/engine/harness.py`` (which stays test-only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import yaml
+from prometheus_client import parser
+
+from bench.engine import settings
+from dualpath_engine import tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+MODEL_NAME = "bench"
+POLICY = {"basic": "pe-only", "dualpath": "dualpath", "oracle": "dualpath"}
+"""Scheduler read-side policy of each engine mode."""
+
+
+class Process:
+    """A child process logging to a file; its first ``ready ...`` / ``listening on ...`` line is kept."""
+
+    def __init__(self, name: str, args: list[str], log: pathlib.Path) -> None:
+        self.name = name
+        self.log = log
+        self.ready_line: str | None = None
+        self._ready = threading.Event()
+        self.popen = subprocess.Popen(
+            args, cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        stream = self.popen.stdout
+        if stream is None:
+            raise RuntimeError(f"{self.name}: no stdout pipe")
+        with self.log.open("w") as out:
+            for line in stream:
+                out.write(line)
+                out.flush()
+                if self.ready_line is None and line.startswith(("ready ", "listening on ")):
+                    self.ready_line = line.strip()
+                    self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float) -> str:
+        """The ready line; RuntimeError with the log tail if the process exits or times out first."""
+        if not self._ready.wait(timeout) or self.ready_line is None:
+            raise RuntimeError(f"{self.name} not ready in {timeout}s:\n{self.tail()}")
+        return self.ready_line
+
+    def tail(self, lines: int = 30) -> str:
+        """Last lines of the log."""
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text().splitlines()[-lines:])
+        return ""
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL after 10 s; by PID only."""
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(10)
+        self._reader.join(5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """A running engine."""
+
+    name: str
+    role: str
+    node: str
+    device: str
+    http: str
+    process: Process
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """Scheduler URL and engines of one run."""
+
+    url: str
+    engines: tuple[Engine, ...]
+    workdir: pathlib.Path
+
+
+def placement(topology: settings.Topology) -> list[tuple[str, str, int | None]]:
+    """``(role, name, gpu or None)`` of each engine, prefill first."""
+    engines = topology.prefill + topology.decode
+    out: list[tuple[str, str, int | None]] = []
+    gpus = topology.gpus
+    pe_gpus = max(1, gpus * topology.prefill // engines) if gpus else 0
+    de_gpus = gpus - pe_gpus
+    for index in range(topology.prefill):
+        out.append(("prefill", f"pe{index}", index % pe_gpus if gpus else None))
+    for index in range(topology.decode):
+        gpu = (pe_gpus + index % de_gpus if de_gpus else index % gpus) if gpus else None
+        out.append(("decode", f"de{index}", gpu))
+    return out
+
+
+def model_config(cfg: settings.ReplaySettings) -> dict[str, Any]:
+    """The engines' and scheduler's ``model`` section."""
+    return {
+        "name": MODEL_NAME,
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "num_heads": cfg.num_heads,
+        "num_kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.hidden_size * 2,
+        "dtype": cfg.dtype,
+        # The tokenizer's vocabulary (263 ids); the engine default 264 lets a random model emit id 263,
+        # which the scheduler then rejects in the next turn's prompt (reported as an engine bug).
+        "vocab_size": tokenizer.VOCAB_SIZE,
+        "max_context_tokens": cfg.max_context_tokens,
+    }
+
+
+def _write(path: pathlib.Path, data: Mapping[str, Any]) -> str:
+    path.write_text(yaml.safe_dump(dict(data)))
+    return str(path)
+
+
+def _engine_config(
+    cfg: settings.ReplaySettings,
+    topology: settings.Topology,
+    mode: str,
+    role: str,
+    name: str,
+    gpu: int | None,
+    url: str,
+    kv: Mapping[str, Any],
+) -> dict[str, Any]:
+    ranks = max(1, topology.gpus)
+    budget = cfg.compute_budget_bytes_per_s
+    return {
+        "role": role,
+        "engine_id": name,
+        "group_id": int(name[2:]),
+        "node_name": f"node-{name}",
+        "port": 0,
+        "scheduler_url": url,
+        "mode": mode,
+        "device": "cuda" if gpu is not None else "cpu",
+        "local_rank": gpu or 0,
+        "model": model_config(cfg),
+        "kv": dict(kv),
+        "network": {
+            "storage_nic": {"device": "mlx5_s0", "budget_bytes_per_s": cfg.storage_budget_bytes_per_s},
+            "compute_nics": [{"device": f"mlx5_{i}", "budget_bytes_per_s": budget} for i in range(ranks)],
+            "emulate": True,
+        },
+        "transport": {"kind": topology.transport, "port": 0, "connect_timeout_s": 5.0},
+    }
+
+
+@contextlib.contextmanager
+def cluster(
+    workdir: pathlib.Path, cfg: settings.ReplaySettings, topology: settings.Topology, mode: str
+) -> Iterator[Cluster]:
+    """Start the scheduler and engines of ``topology`` in ``mode``; stop all by PID on exit."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    kv = {
+        "block_tokens": cfg.block_tokens,
+        "storage_backend": "filesystem",
+        "storage_path": str(workdir / "kv"),
+        "fsync": False,
+        "read_workers": 4,
+    }
+    processes: list[Process] = []
+    try:
+        sched = {
+            "port": 0,
+            "policy": POLICY[mode],
+            "engine_timeout_s": 10.0,
+            "request_timeout_s": cfg.time_limit_s,
+            "model": model_config(cfg),
+            "kv": kv,
+        }
+        command = [sys.executable, "-m", "dualpath_engine"]
+        scheduler = Process(
+            "scheduler",
+            [
+                *command,
+                "scheduler",
+                "--config",
+                _write(workdir / "sched.yaml", sched),
+                "--log-level",
+                "WARNING",
+            ],
+            workdir / "scheduler.log",
+        )
+        processes.append(scheduler)
+        url = scheduler.wait_ready(60).split()[-1]
+        pending = []
+        for role, name, gpu in placement(topology):
+            data = _engine_config(cfg, topology, mode, role, name, gpu, url, kv)
+            path = _write(workdir / f"{name}.yaml", data)
+            process = Process(
+                name,
+                [*command, "engine", "--config", path, "--log-level", "WARNING"],
+                workdir / f"{name}.log",
+            )
+            processes.append(process)
+            pending.append((process, role, name, data))
+        engines = []
+        for process, role, name, data in pending:
+            info = json.loads(process.wait_ready(180).removeprefix("ready "))
+            device = f"cuda:{data['local_rank']}" if data["device"] == "cuda" else "cpu"
+            engines.append(Engine(name, role, data["node_name"], device, str(info["http"]), process))
+        for engine in engines:
+            _wait(f"{engine.name} healthy", lambda e=engine: _healthy(e.http), 60)
+        yield Cluster(url, tuple(engines), workdir)
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+def _healthy(http: str) -> bool:
+    try:
+        with urllib.request.urlopen(http + "/healthz", timeout=5) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait(what: str, condition: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def nic_bytes(engine: Engine) -> dict[str, float]:
+    """``{storage_rx, storage_tx, compute_rx, compute_tx}`` bytes counted by the engine's NICs."""
+    text = await asyncio.to_thread(_fetch, engine.http + "/metrics")
+    out = {"storage_rx": 0.0, "storage_tx": 0.0, "compute_rx": 0.0, "compute_tx": 0.0}
+    for family in parser.text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dualpath_engine_nic_bytes_total":
+                key = f"{sample.labels['kind']}_{sample.labels['direction']}"
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def _fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())

@@ -1,0 +1,172 @@
+"""Offline and online agentic replay against real engine processes, Basic / DualPath / Oracle side by
+side (paper section 7, I/O-bound configuration: tiny compute, emulated storage-NIC budgets).
+
+Offline: every trajectory starts at once (``dualpath_engine.workload.replay``, paper replay rule);
+JCT = time until the last trajectory finishes. Per mode: JCT, TTFT/TPOT, hit ratio and every node's
+storage-NIC bytes (max/avg across nodes). Online: Poisson arrivals at ascending rates until the SLO
+(mean TTFT, mean TPOT) breaks; the capacity is the highest rate within it. Each mode runs on a fresh
+cluster (:mod:`bench.engine.cluster`) with an empty store. Called by :mod:`bench.engine.__main__`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from bench.engine import cluster, settings
+from dualpath_engine.workload import replay as workload
+from dualpath_engine.workload import trace
+
+
+def trajectories(cfg: settings.ReplaySettings, count: int, seed: int) -> list[trace.Trajectory]:
+    """The Table-2-shaped trace of the settings (capped at the model's context)."""
+    shape = trace.TraceShape(
+        preset=cfg.preset,
+        trajectories=count,
+        token_scale=cfg.token_scale,
+        turn_scale=cfg.turn_scale,
+        seed=seed,
+        max_len=min(cfg.max_context_tokens, int(trace.TABLE2[cfg.preset][0] / cfg.token_scale)),
+    )
+    return trace.generate(shape)
+
+
+def _replay_config(
+    run: cluster.Cluster, cfg: settings.ReplaySettings, mode: str, **extra: Any
+) -> workload.ReplayConfig:
+    return workload.ReplayConfig(
+        base_url=run.url,
+        model=cluster.MODEL_NAME,
+        mode="offline" if mode == "offline" else "online",
+        request_timeout_s=cfg.time_limit_s,
+        max_duration_s=cfg.time_limit_s,
+        max_requests=100_000,
+        **extra,
+    )
+
+
+async def _nics(run: cluster.Cluster) -> dict[str, dict[str, float]]:
+    return {engine.name: await cluster.nic_bytes(engine) for engine in run.engines}
+
+
+def balance(nics: dict[str, dict[str, float]]) -> float:
+    """Max / average storage-NIC read bytes across nodes (1.0 = perfectly even; 0 if nothing read)."""
+    reads = [counters["storage_rx"] for counters in nics.values()]
+    mean = statistics.fmean(reads) if reads else 0.0
+    return max(reads) / mean if mean else 0.0
+
+
+def _summary(report: workload.Report) -> dict[str, Any]:
+    data = report.to_dict()
+    return {
+        "makespan_s": report.duration_s,
+        "requests": report.requests,
+        "failed_requests": report.failed_requests,
+        "errors": list(report.errors)[:5],
+        "trajectories_completed": report.trajectories_completed,
+        "hit_ratio": report.hit_ratio,
+        "prompt_tokens": report.prompt_tokens,
+        "generated_tokens": report.generated_tokens,
+        "jct_s": data["jct_s"],
+        "ttft_s": data["ttft_s"],
+        "tpot_s": data["tpot_s"],
+    }
+
+
+async def offline(
+    workdir: pathlib.Path, cfg: settings.ReplaySettings, topology: settings.Topology
+) -> dict[str, Any]:
+    """Every mode of ``cfg.modes`` on ``topology``; ratios against Basic and Oracle."""
+    trace_ = trajectories(cfg, cfg.trajectories, seed=1)
+    runs: dict[str, Any] = {}
+    for mode in cfg.modes:
+        with cluster.cluster(workdir / f"{topology.name}-{mode}", cfg, topology, mode) as run:
+            report = await workload.replay(trace_, _replay_config(run, cfg, "offline"))
+            nics = await _nics(run)
+        runs[mode] = {
+            **_summary(report),
+            "nic_bytes": nics,
+            "storage_max_over_avg": balance(nics),
+            "devices": {engine.name: engine.device for engine in run.engines},
+        }
+    out: dict[str, Any] = {
+        "topology": topology.model_dump(mode="json"),
+        "name": topology.name,
+        "ideal_ratio": (topology.prefill + topology.decode) / topology.prefill,
+        "requests": sum(len(t.turns) for t in trace_),
+        "modes": runs,
+    }
+    out["ratios"] = offline_ratios(runs)
+    return out
+
+
+def offline_ratios(runs: dict[str, Any]) -> dict[str, float]:
+    """JCT Basic/DualPath and Oracle/DualPath, TPOT DualPath/Basic, KV-read throughput ratios."""
+    ratios: dict[str, float] = {}
+    dual = runs.get("dualpath")
+    if dual is None:
+        return ratios
+    if "basic" in runs:
+        basic = runs["basic"]
+        ratios["jct_basic_over_dualpath"] = basic["makespan_s"] / dual["makespan_s"]
+        if basic["tpot_s"]["mean"] > 0:
+            ratios["tpot_dualpath_over_basic"] = dual["tpot_s"]["mean"] / basic["tpot_s"]["mean"]
+        ratios["kv_read_rate_dualpath_over_basic"] = _read_rate(dual) / max(_read_rate(basic), 1e-9)
+    if "oracle" in runs:
+        ratios["jct_oracle_over_dualpath"] = runs["oracle"]["makespan_s"] / dual["makespan_s"]
+        if "basic" in runs:
+            ratios["jct_basic_over_oracle"] = runs["basic"]["makespan_s"] / runs["oracle"]["makespan_s"]
+    ratios["storage_max_over_avg_dualpath"] = dual["storage_max_over_avg"]
+    return ratios
+
+
+def _read_rate(run: dict[str, Any]) -> float:
+    total = sum(counters["storage_rx"] for counters in run["nic_bytes"].values())
+    return float(total / run["makespan_s"])
+
+
+def within_slo(report: dict[str, Any], cfg: settings.ReplaySettings) -> bool:
+    """No failed request, mean TTFT and mean TPOT within the SLO."""
+    return bool(
+        report["failed_requests"] == 0
+        and report["requests"] > 0
+        and report["ttft_s"]["mean"] <= cfg.ttft_slo_s
+        and report["tpot_s"]["mean"] <= cfg.tpot_slo_s
+    )
+
+
+async def online(
+    workdir: pathlib.Path,
+    cfg: settings.ReplaySettings,
+    topology: settings.Topology,
+    modes: Sequence[str] = ("basic", "dualpath"),
+) -> dict[str, Any]:
+    """Capacity (highest rate within the SLO) of each mode; rates climb until the SLO breaks."""
+    results: dict[str, Any] = {}
+    for mode in modes:
+        steps = []
+        best = 0.0
+        with cluster.cluster(workdir / f"online-{topology.name}-{mode}", cfg, topology, mode) as run:
+            for index, rate in enumerate(cfg.online_rates):
+                count = max(2, int(rate * cfg.online_duration_s * 1.5) + 2)
+                trace_ = trajectories(cfg, count, seed=100 + index)
+                rc = _replay_config(run, cfg, "online", rate=rate, seed=index)
+                rc = rc.model_copy(update={"max_duration_s": cfg.online_duration_s})
+                report = _summary(await workload.replay(trace_, rc))
+                ok = within_slo(report, cfg)
+                steps.append({"rate": rate, "within_slo": ok, **report})
+                if not ok:
+                    break
+                best = rate
+        results[mode] = {"capacity_rate": best, "steps": steps}
+    out: dict[str, Any] = {
+        "topology": topology.name,
+        "slo": {"ttft_mean_s": cfg.ttft_slo_s, "tpot_mean_s": cfg.tpot_slo_s},
+        "modes": results,
+    }
+    basic = results.get("basic", {}).get("capacity_rate", 0.0)
+    dual = results.get("dualpath", {}).get("capacity_rate", 0.0)
+    out["capacity_dualpath_over_basic"] = dual / basic if basic else None
+    return out

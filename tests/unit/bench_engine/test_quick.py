@@ -1,0 +1,96 @@
+"""The CPU-quick variant of the engine benchmarks (``python -m bench.engine --cpu --quick``): the KV-load
+microbenchmark's mechanics (every mode moves every block through the read path it should, each landed
+block verified, ratios computed from the measured rates), the overlap section's measurements and the
+markdown summary. No timing claims: the 2-core CI machine measures contention, not the design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from bench.engine import cluster, kvload, overlap, report, settings
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def quick() -> settings.BenchSettings:
+    return settings.preset("cpu-quick")
+
+
+@pytest.fixture(scope="module")
+def kv_results(quick: settings.BenchSettings) -> dict[str, Any]:
+    return asyncio.run(kvload.run(quick.kvload, "cpu", 0))
+
+
+def test_every_mode_loads_every_block_on_its_read_paths(
+    quick: settings.BenchSettings, kv_results: dict[str, Any]
+) -> None:
+    cfg = quick.kvload
+    expected = cfg.requests * cfg.blocks_per_request * kv_results["block_bytes"]
+    by_mode = {row["mode"]: row for row in kv_results["results"]}
+    assert list(by_mode) == list(kvload.MODES)
+    for row in by_mode.values():
+        assert row["bytes"] == expected
+        assert sum(row["read_bytes_per_node"].values()) == expected
+        assert row["blocks_verified"] > 0
+        assert row["seconds"] > 0
+    assert by_mode["pe_only"]["read_bytes_per_node"] == {"pe0": expected, "de0": 0, "de1": 0}
+    assert by_mode["pe_only"]["cnic_rx_bytes_pe"] == 0
+    assert by_mode["de_only"]["read_bytes_per_node"]["pe0"] == 0
+    assert by_mode["de_only"]["cnic_rx_bytes_pe"] == expected  # DE-path KV crosses the PE's compute NIC
+    # The shorter-queue rule spreads a batch submitted at once over all three storage NICs.
+    assert all(value > 0 for value in by_mode["dualpath"]["read_bytes_per_node"].values())
+    assert all(value > 0 for value in by_mode["split"]["read_bytes_per_node"].values())
+
+
+def test_ratios_are_the_measured_rates_against_basic_and_the_budgets(
+    quick: settings.BenchSettings, kv_results: dict[str, Any]
+) -> None:
+    ratios = kv_results["ratios"]
+    by_mode = {row["mode"]: row["bytes_per_s"] for row in kv_results["results"]}
+    assert ratios["ideal_dualpath_over_basic"] == 3.0
+    assert ratios["pe_only_over_basic"] == 1.0
+    assert ratios["dualpath_over_basic"] == pytest.approx(by_mode["dualpath"] / by_mode["pe_only"])
+    budgets = 3 * quick.kvload.storage_budget_bytes_per_s
+    assert ratios["sum_of_budgets_bytes_per_s"] == budgets
+    assert ratios["dualpath_over_sum_of_budgets"] == pytest.approx(by_mode["dualpath"] / budgets)
+    summary = report.kvload(kv_results)
+    assert any(line.startswith("| dualpath |") for line in summary)
+    assert any("DualPath / Basic" in line for line in summary)
+
+
+def test_overlap_section_measures_load_compute_and_overlap(quick: settings.BenchSettings) -> None:
+    data = overlap.run(quick.overlap, "cpu", h2d_ceiling_bytes_per_s=1e9)
+    assert [p["appended_tokens"] for p in data["points"]] == list(quick.overlap.appended)
+    for point in data["points"]:
+        assert point["t_load_s"] > 0 and point["t_comp_s"] > 0 and point["t_overlap_s"] > 0
+        expected = (point["t_load_s"] + point["t_comp_s"] - point["t_overlap_s"]) / min(
+            point["t_load_s"], point["t_comp_s"]
+        )
+        assert point["overlap_efficiency"] == pytest.approx(expected)
+    assert data["full_block_over_ceiling"] == pytest.approx(data["copies"]["full_block_bytes_per_s"] / 1e9)
+    assert "| Hit tokens |" in "\n".join(report.overlap(data))
+
+
+def test_presets_and_unknown_names() -> None:
+    gpu4 = settings.preset("gpu", gpus=4)
+    assert [t.name for t in gpu4.replay.topologies] == ["1P2D", "1P3D", "2P2D"]
+    assert [t.name for t in settings.preset("gpu", gpus=2).replay.topologies] == ["1P2D", "1P1D"]
+    with pytest.raises(ValueError, match="unknown preset"):
+        settings.preset("tpu")
+
+
+def test_placement_puts_prefill_and_decode_engines_on_separate_gpus() -> None:
+    def gpus(prefill: int, decode: int, count: int) -> list[int | None]:
+        topology = settings.Topology(prefill=prefill, decode=decode, gpus=count)
+        return [gpu for _, _, gpu in cluster.placement(topology)]
+
+    assert gpus(1, 2, 2) == [0, 1, 1]
+    assert gpus(1, 1, 2) == [0, 1]
+    assert gpus(1, 3, 4) == [0, 1, 2, 3]
+    assert gpus(2, 2, 4) == [0, 1, 2, 3]
+    assert gpus(1, 2, 0) == [None, None, None]
