@@ -18,9 +18,10 @@ import pytest
 
 from dualpath_engine.transfer import sysfs
 from dualpath_operator.planning import telemetry as types
-from dualpath_operator.telemetry import prometheus, sample
+from dualpath_operator.telemetry import prometheus, sample, scrape
 from tests import telemetry_stack
 from tests.cluster import processes
+from tests.engine import harness
 from tests.unit.telemetry import servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -174,3 +175,54 @@ async def test_prometheus_collector_on_real_prometheus_and_node_exporters(tmp_pa
             await asyncio.to_thread(prom.stop)
         for exporter in exporters:
             await asyncio.to_thread(exporter.stop)
+
+
+def test_scrape_collector_on_real_engine_processes(tmp_path: Path) -> None:
+    """The direct-scrape collector on the real scheduler + PE + 2 DE processes: every signal the
+    planners need is there, and the KV read rate matches the bytes the PE reports having read."""
+    times: list[float] = []
+
+    def clock() -> float:
+        times.append(time.monotonic())
+        return times[-1]
+
+    with harness.cluster(tmp_path, policy="pe-only") as c:
+        targets = [
+            sample.EngineTarget("pe0", "node-a", "prefill", c.prefill.http + "/metrics"),
+            sample.EngineTarget("de0", "node-b", "decode", c.decodes[0].http + "/metrics"),
+            sample.EngineTarget("de1", "node-c", "decode", c.decodes[1].http + "/metrics"),
+        ]
+        settings = sample.CollectorSettings(snic_capacity_fallback_bps=25e9, request_timeout_s=5)
+        collector = scrape.ScrapeCollector(settings=settings, scheduler_url=c.url + "/metrics", clock=clock)
+
+        async def scenario() -> tuple[types.TelemetrySample, types.TelemetrySample, float]:
+            async with collector:
+                first = await collector.collect(targets, window_s=600)
+                before = c.prefill.metric("dualpath_engine_kv_read_bytes_total", path="pe")
+                prompt = list(range(1, 80))
+                for _ in range(2):  # the second turn hits the KV the first one persisted
+                    result = await asyncio.to_thread(c.complete, prompt, 4)
+                    prompt = [*prompt, *result["choices"][0]["token_ids"], 7, 8, 9]
+                moved = c.prefill.metric("dualpath_engine_kv_read_bytes_total", path="pe") - before
+                second = await collector.collect(targets, window_s=600)
+                return first, second, moved
+
+        first, second, moved = asyncio.run(scenario())
+    assert any(p.startswith("engine pe0: no earlier scrape") for p in first.problems)
+    assert second.problems == ()
+    assert moved > 0, "the second turn read no KV from storage"
+    half = len(times) // 2
+    span = sum(times[half:]) / (len(times) - half) - sum(times[:half]) / half
+    pe = second.engines[0]
+    assert pe.kv_read_pe_bps == pytest.approx(moved / span, rel=0.1)
+    assert pe.kv_read_de_bps == 0.0
+    assert all(e.transport == "tcp" for e in second.engines)
+    assert all(e.queued_tokens == 0 and e.read_queue_tokens == 0 for e in second.engines)  # all done
+    assert pe.ttft_p90_s is not None and pe.ttft_p90_s > 0
+    node = second.nodes["node-a"]
+    # The PE's KV reads went through its storage NIC: the node's rx covers them.
+    assert node.snic_kv_rx_bps == pytest.approx(pe.kv_read_pe_bps)
+    assert node.snic_rx_bps is not None and node.snic_kv_rx_bps is not None
+    assert node.snic_rx_bps >= node.snic_kv_rx_bps
+    assert node.snic_capacity_bps == 25e9
+    assert second.nodes["node-b"].snic_rx_bps == 0.0

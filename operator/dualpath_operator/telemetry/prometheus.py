@@ -289,11 +289,15 @@ class PrometheusCollector:
             for series in ok.get(name, ()):
                 if pod_label in series.labels:
                     builder.set_engine(series.labels[pod_label], field, series.value)
-        paths: dict[str, sample.EngineField] = {"pe_read": "kv_read_pe_bps", "de_read": "kv_read_de_bps"}
+        paths = {value: name for name, values in sample.KV_READ_PATHS.items() for value in values}
+        kv: dict[tuple[str, sample.EngineField], float] = {}
         for series in ok.get("kv_read", ()):
             path_field = paths.get(series.labels.get("path", ""))
             if path_field is not None and pod_label in series.labels:
-                builder.set_engine(series.labels[pod_label], path_field, series.value)
+                key = (series.labels[pod_label], path_field)
+                kv[key] = kv.get(key, 0.0) + series.value
+        for (pod, path_field), value in kv.items():
+            builder.set_engine(pod, path_field, value)
         for series in ok.get("transport_info", ()):
             if pod_label in series.labels:
                 builder.set_transport(series.labels[pod_label], series.labels.get("kind", "unknown"))

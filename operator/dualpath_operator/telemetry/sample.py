@@ -40,6 +40,12 @@ _RATES_OF_SNIC: tuple[NodeField, ...] = ("snic_rx_bps", "snic_kv_rx_bps")
 _RATES_OF_CNIC: tuple[NodeField, ...] = ("cnic_tx_bps", "cnic_rx_bps")
 _LATENCIES: frozenset[str] = frozenset({"ttft_p90_s", "tpot_p90_s"})
 _ENGINE_RATES: tuple[EngineField, ...] = ("kv_read_pe_bps", "kv_read_de_bps", "transport_rate_bps")
+KV_READ_PATHS: dict[EngineField, tuple[str, ...]] = {
+    "kv_read_pe_bps": ("pe", "pe_read"),
+    "kv_read_de_bps": ("de", "de_read"),
+}
+"""``path`` label values of ``dualpath_engine_kv_read_bytes_total`` per read path: the engine service
+exports ``pe``/``de``, the traffic manager's own series ``pe_read``/``de_read``."""
 _TRANSPORTS: dict[str, types.TransportKind] = {"rdma": "rdma", "cuda": "cuda", "tcp": "tcp"}
 
 

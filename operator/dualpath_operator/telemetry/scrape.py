@@ -6,7 +6,8 @@ of scrapes per URL, so counters become rates over the window (:mod:`~dualpath_op
 resets handled) and histograms become quantiles. Per node it sums the engines' own NIC counters
 (``dualpath_engine_nic_bytes_total{kind,direction}``), takes the NIC's emulated budget
 (``dualpath_engine_nic_budget_bytes_per_second``, 0 = unlimited, then the configured line rate) as
-capacity, and the KV reads (``dualpath_engine_kv_read_bytes_total{path}``) as the KV part of the
+capacity, and the KV reads (``dualpath_engine_kv_read_bytes_total{path}``, path ``pe``/``de`` as the
+engine service exports it, or ``pe_read``/``de_read`` as the traffic manager does) as the KV part of the
 storage-NIC traffic. Engine signals: ``dualpath_engine_running_tokens``/``_running_requests``,
 ``dualpath_engine_storage_read_queue_tokens``, ``dualpath_engine_transport_info{kind}`` and
 ``dualpath_engine_transport_rate_bytes_per_second``; TTFT/TPOT from the scheduler's
@@ -241,14 +242,13 @@ class ScrapeCollector:
                 f"engine {target.pod}: no earlier scrape within 2 windows ({2 * window_s:g}s): no rates yet"
             )
             return
-        paths: tuple[tuple[sample.EngineField, str], ...] = (
-            ("kv_read_pe_bps", "pe_read"),
-            ("kv_read_de_bps", "de_read"),
-        )
-        for engine_field, path in paths:
-            rate = history.rate(window_s, "dualpath_engine_kv_read_bytes_total", path=path)
-            if rate is not None:
-                builder.set_engine(target.pod, engine_field, rate)
+        for engine_field, path_values in sample.KV_READ_PATHS.items():
+            found = [
+                history.rate(window_s, "dualpath_engine_kv_read_bytes_total", path=p) for p in path_values
+            ]
+            rates_found = [r for r in found if r is not None]
+            if rates_found:
+                builder.set_engine(target.pod, engine_field, sum(rates_found))
         nics: tuple[tuple[sample.NodeField, str, str], ...] = (
             ("snic_rx_bps", "storage", "rx"),
             ("cnic_tx_bps", "compute", "tx"),

@@ -66,8 +66,9 @@ def healthy(prom: servers.FakePrometheus, collector: prometheus.PrometheusCollec
         collector,
         "kv_read",
         [
-            ({"pod": "pe-0", "path": "pe_read"}, 6e9),
-            ({"pod": "pe-0", "path": "de_read"}, 0.0),
+            # The engine service labels paths pe/de; the traffic manager's series say pe_read/de_read.
+            ({"pod": "pe-0", "path": "pe"}, 6e9),
+            ({"pod": "pe-0", "path": "de"}, 0.0),
             ({"pod": "de-0", "path": "pe_read"}, 0.0),
             ({"pod": "de-0", "path": "de_read"}, 1.5e9),
         ],
