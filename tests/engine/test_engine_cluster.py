@@ -190,3 +190,37 @@ def test_role_switch_in_place_keeps_serving_identical_tokens(
             history = [*history, *generated, *tok.encode(" more")]
         assert de1.metric("dualpath_engine_steps_total", role="prefill") >= 2  # the old DE now prefills
         assert pe.metric("dualpath_engine_steps_total", role="prefill") == 0
+
+
+def test_concurrent_sessions_batch_together_and_each_matches_recompute(
+    tmp_path: pathlib.Path, reference_model: llama.Decoder
+) -> None:
+    texts = [f"Session {i}: " + "please keep working on the task at hand. " * (1 + i % 3) for i in range(6)]
+    with harness.cluster(tmp_path) as cluster:
+        histories = [tok.encode(text, bos=True) for text in texts]
+        for turn in range(2):
+            results: dict[int, list[int]] = {}
+            errors: list[BaseException] = []
+
+            def run(
+                index: int, prompt: list[int], results: dict[int, list[int]], errors: list[BaseException]
+            ) -> None:
+                try:
+                    results[index] = cluster.complete(prompt, TURN_TOKENS)["choices"][0]["token_ids"]
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [
+                threading.Thread(target=run, args=(i, h, results, errors)) for i, h in enumerate(histories)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            assert not errors, errors
+            for index, history in enumerate(histories):
+                expected = llama.greedy_reference(reference_model, history, TURN_TOKENS)
+                assert results[index] == expected, f"session {index} turn {turn}"
+                histories[index] = [*history, *results[index], *tok.encode(" ok")]
+        decode_steps = sum(de.metric("dualpath_engine_steps_total", role="decode") for de in cluster.decodes)
+        assert decode_steps < 12 * TURN_TOKENS  # sequences shared decode steps (all-requests batches)
