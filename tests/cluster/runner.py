@@ -369,14 +369,11 @@ class PodRunner:
             for c in containers
         }
         documents = self._config_documents(pod, volumes)
-        refs: set[resolve.ServiceRef] = set()
-        for text in [
+        plain = [
             *(a for argv in raw_argv.values() for a in argv),
-            *(v for env in envs.values() for v in env.values()),
-            *(json.dumps(doc) for doc in documents.values()),
-        ]:
-            refs |= resolve.service_refs(text)
-        services = {ref: self._service_address(ref, required=True) or "" for ref in sorted(refs, key=str)}
+            *(v for e in envs.values() for v in e.values()),
+        ]
+        services, watched = self._resolve_services(plain, documents, mount_map)
 
         def rewrite(text: str) -> str:
             return resolve.rewrite_services(mount_map.rewrite(text), services)
@@ -398,7 +395,31 @@ class PodRunner:
             for args in argv.values():
                 self._emulate_nics(args, spec["nodeName"], pod_dir)
         probes = {c["name"]: self._probe(c, pod["status"]["podIP"]) for c in containers}
-        return _Launch(argv=argv, env=env, probes=probes, services=services)
+        return _Launch(argv=argv, env=env, probes=probes, services=watched)
+
+    def _resolve_services(
+        self, plain: list[str], documents: dict[Path, Any], mount_map: resolve.MountMap
+    ) -> tuple[dict[resolve.ServiceRef, str], dict[resolve.ServiceRef, str]]:
+        """(every Service address to rewrite, the required ones a restart watches).
+
+        Services named by the command line, the env or a config file they point at must have a ready
+        backend before the pod starts; other files of the volume (e.g. the engine's config in the
+        scheduler pod) are rewritten where a backend is known and left alone otherwise.
+        """
+        named = {mount_map.rewrite(text) for text in plain}
+        required: set[resolve.ServiceRef] = set()
+        optional: set[resolve.ServiceRef] = set()
+        for text in plain:
+            required |= resolve.service_refs(text)
+        for path, doc in documents.items():
+            (required if str(path) in named else optional).update(resolve.service_refs(json.dumps(doc)))
+        watched = {ref: self._service_address(ref, required=True) or "" for ref in sorted(required, key=str)}
+        services = dict(watched)
+        for ref in sorted(optional - required, key=str):
+            address = self._service_address(ref, required=False)
+            if address is not None:
+                services[ref] = address
+        return services, watched
 
     def _volumes(self, pod: dict[str, Any], pod_dir: Path) -> dict[str, Path]:
         ns = pod["metadata"]["namespace"]
@@ -555,12 +576,29 @@ class PodRunner:
                 if selector
                 else []
             )
-            address = resolve.backend_address(svc.to_dict(), ref.port, backends)
+            address = resolve.backend_address(svc.to_dict(), ref.port, [self._as_known(p) for p in backends])
         if address is None and required:
             raise resolve.NotYetError(
                 f"Service {ref.namespace}/{ref.name}:{ref.port} has no ready backend yet"
             )
         return address
+
+    def _as_known(self, pod: dict[str, Any]) -> dict[str, Any]:
+        """``pod`` with Ready as the runner knows it when the runner runs it (kwok marks pods Ready at
+        once; a backend is only ready once its process passed its probe)."""
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        ours = all(labels.get(k) == v for k, v in self.selector.items()) and (
+            self.namespace is None or meta.get("namespace") == self.namespace
+        )
+        if not ours:
+            return pod
+        run = self._running.get(str(meta.get("uid")))
+        ready = run is not None and run.ready and not run.exited
+        status = dict(pod.get("status") or {})
+        others = [c for c in status.get("conditions") or [] if c.get("type") != "Ready"]
+        status["conditions"] = [*others, {"type": "Ready", "status": "True" if ready else "False"}]
+        return {**pod, "status": status}
 
     # ---- running pods --------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import pytest
 import yaml
 from lightkube import Client
 from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
-from lightkube.resources.core_v1 import Pod
+from lightkube.resources.core_v1 import Node, Pod
 
 from tests.cluster import harness, nodes, processes, resolve, runner
 from tests.integration import conftest as itc
@@ -239,33 +240,44 @@ def test_runner_runs_real_engines_and_scheduler_for_operator_pods(
         scheduler = next(p for p in procs.values() if p.component == "scheduler")
         engines = [p for p in procs.values() if p.component == "engine"]
         assert len({p.node for p in engines}) == 2
-        sched_url = f"http://{scheduler.ip}:{_http_port(pods[scheduler.pod])}"
+        sched_port = _http_port(pods[scheduler.pod])
+        sched_url = f"http://{scheduler.ip}:{sched_port}"
         assert _get(f"{sched_url}/healthz")
         for engine in engines:  # each engine serves on its own pod IP
             assert _get(f"http://{engine.ip}:{_http_port(pods[engine.pod])}/healthz")
 
-        def registered() -> bool:
-            text = _get(f"{sched_url}/metrics").decode()
-            lines = [
-                ln
-                for ln in text.splitlines()
-                if ln.startswith("dualpath_scheduler_engine_unfinished_tokens{")
-            ]
-            return all(any(f"-{e.ip}-" in ln for ln in lines) for e in engines)
+        harness.wait_for("both engines registered", lambda: _registered(sched_url, engines), 60)
+        _complete(sched_url)
 
-        harness.wait_for("both engines registered with the scheduler", registered, 60)
+        # The scheduler pod is replaced on another node (its node cordoned, so its IP changes): the
+        # runner starts the new one, restarts the engines pointed at the new IP, and the cluster serves.
+        kube.patch(Node, scheduler.node, {"spec": {"unschedulable": True}})
+        kube.delete(Pod, name=scheduler.pod, namespace=namespace)
 
-        body = json.dumps({"model": "dualpath-tiny", "prompt": "Hello, DualPath!", "max_tokens": 8}).encode()
-        req = urllib.request.Request(
-            f"{sched_url}/v1/completions",
-            data=body,
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            assert resp.status == 200
-            answer = json.loads(resp.read())
-        assert answer["usage"]["completion_tokens"] >= 1 and isinstance(answer["choices"][0]["text"], str)
+        def scheduler_url_of(engine: runner.PodProcess) -> str:
+            cfg = yaml.safe_load((engine.pod_dir / "volumes" / "config" / "engine.yaml").read_text())
+            return str(cfg["scheduler_url"])
+
+        def replaced() -> bool:
+            now = pod_runner.processes()
+            news = [p for p in now if p.component == "scheduler" and p.uid != scheduler.uid and p.ready]
+            ready = [p for p in now if p.component == "engine" and p.ready and p.alive]
+            return (
+                len(news) == 1
+                and len(ready) == 2
+                and all(scheduler_url_of(e) == f"http://{news[0].ip}:{sched_port}" for e in ready)
+            )
+
+        harness.wait_for("a new scheduler and 2 engines pointed at it", replaced, 120, interval_s=0.5)
+        assert not processes.pid_alive(scheduler.pid)
+        procs = {p.pod: p for p in pod_runner.processes()}
+        new_sched = next(p for p in procs.values() if p.component == "scheduler")
+        new_url = f"http://{new_sched.ip}:{sched_port}"
+        assert new_sched.node != scheduler.node and new_sched.ip != scheduler.ip
+        assert not {p.pid for p in procs.values()} & {e.pid for e in engines}  # engines restarted
+        engines = [p for p in procs.values() if p.component == "engine"]
+        harness.wait_for("both engines registered again", lambda: _registered(new_url, engines), 60)
+        _complete(new_url)
 
         roots = pod_runner.sysfs_roots()
         assert set(roots) == {p.node for p in engines}
@@ -299,6 +311,32 @@ def test_runner_runs_real_engines_and_scheduler_for_operator_pods(
         pod_runner.stop_all()
         itc.delete_dpc(kube, namespace, name)
     assert not any(processes.pid_alive(pid) for pid in pod_runner.started_pids())
+
+
+def _registered(sched_url: str, engines: list[runner.PodProcess]) -> bool:
+    """Every engine (named ``pe-/de-<pod IP>-<port>``) reports its load to the scheduler."""
+    text = _get(f"{sched_url}/metrics").decode()
+    lines = [ln for ln in text.splitlines() if ln.startswith("dualpath_scheduler_engine_unfinished_tokens{")]
+    return all(any(f"-{e.ip}-" in ln for ln in lines) for e in engines)
+
+
+def _complete(sched_url: str) -> None:
+    """A real completion through the scheduler's OpenAI API succeeds."""
+    # Greedy: with sampling, the random model may emit id 263, which the byte tokenizer (ids 0..262)
+    # cannot decode (ModelConfig.vocab_size defaults to 264) and the scheduler answers 500.
+    request = {"model": "dualpath-tiny", "prompt": "Hello, DualPath!", "max_tokens": 8, "temperature": 0}
+    req = urllib.request.Request(
+        f"{sched_url}/v1/completions",
+        data=json.dumps(request).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"completion failed: {exc.code} {exc.read()!r}") from exc
+    assert answer["usage"]["completion_tokens"] >= 1 and isinstance(answer["choices"][0]["text"], str)
 
 
 def _tails(pod_runner: runner.PodRunner, namespace: str) -> str:
