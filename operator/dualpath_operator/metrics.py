@@ -169,6 +169,22 @@ class OperatorMetrics:
             subsystem=SUBSYSTEM,
             registry=registry,
         )
+        self.api_requests = Counter(
+            "api_requests_total",
+            "Kubernetes API requests the operator sent, by HTTP method.",
+            ["method"],
+            namespace=NAMESPACE,
+            subsystem=SUBSYSTEM,
+            registry=registry,
+        )
+        self.api_requests_per_pass = Histogram(
+            "api_requests_per_reconcile",
+            "Kubernetes API requests sent by one reconcile pass (a settled cluster needs only reads).",
+            namespace=NAMESPACE,
+            subsystem=SUBSYSTEM,
+            buckets=(1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233),
+            registry=registry,
+        )
         self.last_success = Gauge(
             "last_successful_reconcile_timestamp_seconds",
             "Unix time of the last reconcile pass that completed; alert on its age.",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ import pydantic
 from prometheus_client import CollectorRegistry
 
 from dualpath_operator import metrics as metrics_mod
+from dualpath_operator import rebalancer as rebalancer_mod
 from dualpath_operator import settings as settings_mod
 from dualpath_operator.api import conditions as cond
 from dualpath_operator.api.v1alpha1 import cluster as api
@@ -55,14 +57,30 @@ class Reconciler:
     clock: Callable[[], dt.datetime] = _now
     views: dict[Key, metrics_mod.ClusterMetricsView] = field(default_factory=dict)
     metrics: metrics_mod.OperatorMetrics = field(init=False)
+    counter: k8s_client.RequestCounter | None = field(default=None, init=False)
+    monotonic: Callable[[], float] = time.monotonic
+    rebalancer: rebalancer_mod.Rebalancer = field(init=False)
     _server: metrics_mod.MetricsServer | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.metrics = metrics_mod.OperatorMetrics(self.registry, self._cluster_views)
+        self.rebalancer = rebalancer_mod.Rebalancer(self.client)
 
     @classmethod
     def from_config(cls, config: settings_mod.OperatorConfig, kubeconfig: str | None = None) -> Reconciler:
-        return cls(client=k8s_client.make_client(kubeconfig, config.field_manager), config=config)
+        registry = CollectorRegistry()
+        counter = k8s_client.RequestCounter()
+        rec = cls(
+            client=k8s_client.make_client(kubeconfig, config.field_manager, counter),
+            config=config,
+            registry=registry,
+        )
+        rec.counter = counter
+        counter.listeners.append(rec.count_request)
+        return rec
+
+    def count_request(self, method: str) -> None:
+        self.metrics.api_requests.labels(method=method).inc()
 
     def _cluster_views(self) -> Iterable[metrics_mod.ClusterMetricsView]:
         return list(self.views.values())
@@ -75,6 +93,7 @@ class Reconciler:
         return self._server
 
     async def close(self) -> None:
+        await self.rebalancer.close()
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -82,8 +101,14 @@ class Reconciler:
 
     # ---- one pass ------------------------------------------------------------------------------------
     async def run(self, key: Key) -> float | None:
-        with self.metrics.time_reconcile():
-            return await self.reconcile(*key)
+        if self.counter is None:
+            with self.metrics.time_reconcile():
+                return await self.reconcile(*key)
+        with self.counter.counting_pass() as requests, self.metrics.time_reconcile():
+            try:
+                return await self.reconcile(*key)
+            finally:
+                self.metrics.api_requests_per_pass.observe(sum(requests.values()))
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
         try:
@@ -91,6 +116,7 @@ class Reconciler:
         except k8s_client.ApiError as e:
             if e.status.code == 404:
                 self.views.pop((namespace, name), None)
+                await self.rebalancer.forget((namespace, name))
                 return None
             raise
         body: dict[str, Any] = obj.to_dict()  # type: ignore[no-untyped-call]
@@ -104,7 +130,15 @@ class Reconciler:
             await self._write_invalid(body, previous, now, _validation_message(e))
             return None
         ref = manifests.ClusterRef(name=name, namespace=namespace, uid=meta["uid"])
+        key = (namespace, name)
+        spec = cluster.spec
         observed = await gather.gather(self.client, namespace, name, ref.uid)
+        rt = self.rebalancer.runtime(key)
+        mono = self.monotonic()
+        tick = rebalancer_mod.tick_due(rt, spec, mono) and bool(observed.pods)
+        if rebalancer_mod.needs_groups(spec, observed, tick):
+            observed = rebalancer_mod.with_groups(observed, await self.rebalancer.groups(key, spec, observed))
+        sample = await self.rebalancer.sample(key, spec, observed, now) if tick else None
         view = planner.View(
             ref=ref,
             generation=int(meta.get("generation") or 0),
@@ -113,8 +147,16 @@ class Reconciler:
             previous=previous,
             now=now,
             drain_timeout_s=common.parse_duration(cluster.spec.rebalance.drain_timeout),
+            sample=sample,
+            ratio_state=rt.ratio_state,
         )
         plan = planner.plan(view)
+        admin_errors = await self.rebalancer.carry_out(key, spec, observed, plan)
+        if tick:
+            rt.last_tick = mono
+            rt.ratio_state = plan.ratio_state
+        for err in admin_errors:
+            log.warning("%s/%s: scheduler admin call failed: %s", namespace, name, err)
         errors = await self._apply(ref, plan)
         new_status = plan.status
         if errors:
@@ -125,7 +167,12 @@ class Reconciler:
         self._record(namespace, name, new_status, plan)
         if errors:
             raise RuntimeError(f"{len(errors)} write(s) failed for {namespace}/{name}: {errors[0]}")
-        return plan.requeue_after_s
+        delays = [
+            d
+            for d in (plan.requeue_after_s, rebalancer_mod.until_next_tick(rt, spec, self.monotonic()))
+            if d is not None
+        ]
+        return min(delays) if delays else None
 
     async def _apply(self, ref: manifests.ClusterRef, plan: plans.Plan) -> list[str]:
         errors: list[str] = []

@@ -28,6 +28,7 @@ class GroupState:
     node: str | None
     drained: bool
     in_flight: int
+    switching_to: str | None = None
 
 
 @dataclass
@@ -62,6 +63,7 @@ class SchedulerAdmin:
                 node=g.get("node"),
                 drained=bool(g.get("drained")),
                 in_flight=int(g.get("in_flight") or 0),
+                switching_to=g.get("switching_to"),
             )
             for g in data.get("groups", [])
         ]

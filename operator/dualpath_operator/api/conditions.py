@@ -77,6 +77,8 @@ class Reason(StrEnum):
     # RDMAReady
     NICS_ALLOCATED = "NICsAllocated"
     NIC_RESOURCES_MISSING = "NICResourcesMissing"
+    TRANSPORT_VERIFIED = "TransportVerified"
+    KV_OVER_TCP = "KVOverTCP"
     # any type, before the first observation
     PENDING = "Pending"
 

@@ -17,6 +17,7 @@ Algorithm (one call per reconcile pass; the planner is stateless, everything com
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ class EnginePlan:
     """Pod-level actions of one pass."""
 
     create: tuple[tuple[Role, int], ...] = ()
+    #: In-place role switches (RoleSwitch mode): (pod name, new role). No restart, no model reload.
+    switch: tuple[tuple[str, Role], ...] = ()
     mark_draining: tuple[str, ...] = ()
     delete: tuple[tuple[str, str], ...] = ()  # (pod name, why)
     outdated: tuple[str, ...] = ()
@@ -41,7 +44,14 @@ class EnginePlan:
 
     @property
     def busy(self) -> bool:
-        return bool(self.create or self.mark_draining or self.delete or self.outdated or self.waiting_drain)
+        return bool(
+            self.create
+            or self.switch
+            or self.mark_draining
+            or self.delete
+            or self.outdated
+            or self.waiting_drain
+        )
 
 
 def _parse_time(text: str) -> dt.datetime | None:
@@ -70,6 +80,7 @@ class _Acc:
     idle: frozenset[str]
     used_ordinals: set[int]
     create: list[tuple[Role, int]] = field(default_factory=list)
+    switch: list[tuple[str, Role]] = field(default_factory=list)
     mark: list[str] = field(default_factory=list)
     delete: list[tuple[str, str]] = field(default_factory=list)
     outdated: list[str] = field(default_factory=list)
@@ -131,6 +142,40 @@ def _plan_role(
         acc.reasons.append(f"{role}: create {missing}")
 
 
+def _switch_roles(
+    acc: _Acc,
+    live: list[obs.ObservedPod],
+    desired: Mapping[Role, int],
+    template_hash: Mapping[Role, str],
+    switchable: frozenset[str],
+) -> list[obs.ObservedPod]:
+    """Move surplus pods of one role to a role short of pods, in place; returns the pods as relabelled."""
+    if not switchable or template_hash["prefill"] != template_hash["decode"]:
+        return live
+    count: dict[Role, int] = {r: sum(1 for p in live if p.role == r) for r in ROLES}
+    out = list(live)
+    pairs: tuple[tuple[Role, Role], ...] = (("prefill", "decode"), ("decode", "prefill"))
+    for src, dst in pairs:
+        moves = min(count[src] - desired[src], desired[dst] - count[dst])
+        if moves <= 0:
+            continue
+        candidates = sorted(
+            (
+                p
+                for p in out
+                if p.role == src and p.name in switchable and p.ready and p.draining_since is None
+            ),
+            key=lambda p: -p.ordinal,
+        )
+        for p in candidates[:moves]:
+            acc.switch.append((p.name, dst))
+            acc.reasons.append(f"switch {p.name} {src} -> {dst} in place")
+            out = [dataclasses.replace(x, role=dst) if x.name == p.name else x for x in out]
+            count[src] -= 1
+            count[dst] += 1
+    return out
+
+
 def plan_engines(
     pods: Iterable[obs.ObservedPod],
     desired: Mapping[Role, int],
@@ -140,18 +185,26 @@ def plan_engines(
     drain_timeout_s: float,
     idle: frozenset[str] = frozenset(),
     max_unavailable: int = 1,
+    switchable: frozenset[str] = frozenset(),
 ) -> EnginePlan:
-    """Plan pod actions; see the module docstring. ``idle``: draining pods the scheduler reports idle."""
+    """Plan pod actions; see the module docstring. ``idle``: draining pods the scheduler reports idle.
+
+    ``switchable``: pods that may flip role in place (RoleSwitch mode, both roles' templates equal, the
+    scheduler knows the group). A role with a surplus gives such pods to a role with a deficit instead
+    of deleting one and creating another; the scheduler drains the group and flips it.
+    """
     all_pods = list(pods)
     acc = _Acc(
         now=now, drain_timeout_s=drain_timeout_s, idle=idle, used_ordinals={p.ordinal for p in all_pods}
     )
     live = [p for p in all_pods if not p.terminating]
+    live = _switch_roles(acc, live, desired, template_hash, switchable)
     for role in ROLES:
         mine = sorted((p for p in live if p.role == role), key=lambda p: p.ordinal)
         _plan_role(acc, role, mine, desired[role], template_hash[role], max_unavailable)
     return EnginePlan(
         create=tuple(acc.create),
+        switch=tuple(acc.switch),
         mark_draining=tuple(acc.mark),
         delete=tuple(acc.delete),
         outdated=tuple(acc.outdated),

@@ -44,6 +44,19 @@ class ObservedScheduler:
 
 
 @dataclass(frozen=True)
+class ObservedGroup:
+    """An engine group as the central scheduler reports it (admin API ``/admin/v1/status``)."""
+
+    group_id: str
+    node: str | None
+    role: str
+    drained: bool = False
+    in_flight: int = 0
+    #: Role the group is being switched to (drain, then flip in place), if any.
+    switching_to: str | None = None
+
+
+@dataclass(frozen=True)
 class Observed:
     """Everything one reconcile pass knows about a DualPathCluster's children."""
 
@@ -53,6 +66,14 @@ class Observed:
     existing: frozenset[tuple[str, str]] = frozenset()
     #: The admin-token Secret exists (its value is never read into the plan).
     admin_secret_exists: bool = False
+    #: Engine groups as the scheduler sees them; ``None`` when the scheduler was not asked or not reachable.
+    groups: tuple[ObservedGroup, ...] | None = None
+
+    def group_on(self, node: str | None) -> ObservedGroup | None:
+        """The scheduler's group on ``node`` (one engine group per node and cluster)."""
+        if node is None or self.groups is None:
+            return None
+        return next((g for g in self.groups if g.node == node), None)
 
     def pods_of(self, role: Role) -> tuple[ObservedPod, ...]:
         return tuple(p for p in self.pods if p.role == role)

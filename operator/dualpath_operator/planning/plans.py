@@ -28,6 +28,15 @@ class PodMetadataPatch:
 
 
 @dataclass(frozen=True)
+class SchedulerAction:
+    """A call to the central scheduler's admin API: drain a group, or switch its role in place."""
+
+    kind: Literal["drain", "role"]
+    group_id: str
+    role: str | None = None
+
+
+@dataclass(frozen=True)
 class Event:
     type: EventType
     reason: str
@@ -47,6 +56,12 @@ class Plan:
     #: The whole status to write (always computed whole, never patched piecemeal).
     status: dict[str, Any] = field(default_factory=dict)
     events: tuple[Event, ...] = ()
+    #: Admin API calls, made before the pod writes (a drain before its mark, a role switch before its label).
+    scheduler_actions: tuple[SchedulerAction, ...] = ()
+    #: Per-node usable storage-NIC capacity (bytes/s) to push to the scheduler (a rebalance tick).
+    push_capacities: dict[str, float] | None = None
+    #: The ratio planner's memory after this pass (kept in the operator's memory per cluster).
+    ratio_state: Any = None
     #: (action, reason) counted in dualpath_operator_decisions_total when the pass changed something.
     decision: tuple[str, str] | None = None
     #: Seconds until this cluster should be reconciled again even if nothing changes (None: resync only).

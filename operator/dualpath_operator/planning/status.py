@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from dualpath_operator.api import conditions as cond
 from dualpath_operator.api.v1alpha1 import spec as specs
 from dualpath_operator.api.v1alpha1 import status as api_status
-from dualpath_operator.planning import engines, observed, plans
+from dualpath_operator.planning import engines, observed, plans, rebalance
 from dualpath_operator.rendering import engine_config
 
 if TYPE_CHECKING:
@@ -30,6 +30,10 @@ _FLIP_EVENTS: dict[tuple[cond.ConditionType, cond.ConditionStatus], plans.EventT
     (C.READY, S.FALSE): "Warning",
     (C.DEGRADED, S.TRUE): "Warning",
     (C.DEGRADED, S.FALSE): "Normal",
+    (C.TELEMETRY_AVAILABLE, S.FALSE): "Warning",
+    (C.TELEMETRY_AVAILABLE, S.TRUE): "Normal",
+    (C.RDMA_READY, S.FALSE): "Warning",
+    (C.REBALANCING, S.TRUE): "Normal",
 }
 
 
@@ -121,19 +125,88 @@ def _health(put: Setter, f: _Facts, ep: engines.EnginePlan) -> None:
         put(C.PROGRESSING, S.FALSE, R.UP_TO_DATE, f"{f.desired} up to date")
 
 
-def _aux(put: Setter, view: View, conds: list[cond.Condition], f: _Facts) -> None:
-    """Rebalancing, TelemetryAvailable (placeholders until the rebalancer owns them) and RDMAReady."""
-    spec, obs = view.spec, view.observed
+def _telemetry_reason(problems: tuple[str, ...]) -> cond.Reason:
+    text = " ".join(problems).lower()
+    if "unreachable" in text or "refused" in text or "timeout" in text or "timed out" in text:
+        return R.TELEMETRY_UNREACHABLE
+    if "stale" in text:
+        return R.TELEMETRY_STALE
+    return R.TELEMETRY_INCOMPLETE
+
+
+def _telemetry(put: Setter, view: View, conds: list[cond.Condition], tick: rebalance.Tick | None) -> None:
+    if not view.spec.rebalance.enabled:
+        put(
+            C.TELEMETRY_AVAILABLE,
+            S.UNKNOWN,
+            R.DISABLED,
+            "spec.rebalance.enabled is false: no telemetry is taken",
+        )
+    elif tick is not None and tick.sample.complete:
+        s = tick.sample
+        put(
+            C.TELEMETRY_AVAILABLE,
+            S.TRUE,
+            R.TELEMETRY_FRESH,
+            f"{len(s.nodes)} node(s), {len(s.engines)} engine group(s) over {s.window_s:.0f}s",
+        )
+    elif tick is not None:
+        msg = "; ".join(tick.sample.problems)[:2000] + " (holding: no rebalancing action)"
+        put(C.TELEMETRY_AVAILABLE, S.FALSE, _telemetry_reason(tick.sample.problems), msg)
+    elif cond.find_condition(conds, C.TELEMETRY_AVAILABLE) is None:
+        put(C.TELEMETRY_AVAILABLE, S.UNKNOWN, R.PENDING, "no telemetry sample taken yet")
+
+
+def _switching(view: View, ep: engines.EnginePlan) -> list[str]:
+    """Pods whose role label and scheduler role disagree (a switch in flight), plus switches planned now."""
+    out = [n for n, _ in ep.switch]
+    for p in view.observed.pods:
+        g = view.observed.group_on(p.node)
+        if g is not None and not p.terminating and (g.switching_to is not None or g.role != p.role):
+            out.append(p.name)
+    return sorted(set(out))
+
+
+def _rebalancing(
+    put: Setter, view: View, f: _Facts, ep: engines.EnginePlan, tick: rebalance.Tick | None
+) -> None:
+    spec = view.spec
     if spec.ratio.mode is specs.RatioMode.FIXED:
         put(C.REBALANCING, S.FALSE, R.DISABLED, "spec.ratio.mode is Fixed: the ratio is not rebalanced")
-    elif cond.find_condition(conds, C.REBALANCING) is None:
+        return
+    switching = _switching(view, ep)
+    moving = any(f.have[r] != f.want[r] for r in engines.ROLES)
+    if switching:
+        put(C.REBALANCING, S.TRUE, R.SWITCHING_ROLE, f"switching role in place: {', '.join(switching)}")
+    elif moving and (ep.mark_draining or ep.waiting_drain):
+        put(C.REBALANCING, S.TRUE, R.DRAINING, f"draining before moving to {f.desired}")
+    elif moving:
+        put(C.REBALANCING, S.TRUE, R.RECREATING, f"moving to {f.desired}")
+    elif tick is not None and tick.outcome is not None and tick.outcome.decision.action == "HoldCooldown":
+        put(C.REBALANCING, S.FALSE, R.COOLING_DOWN, tick.outcome.decision.reason)
+    elif tick is not None and tick.outcome is not None:
+        put(C.REBALANCING, S.FALSE, R.STABLE, f"{f.desired}: {tick.outcome.decision.reason}")
+    elif cond.find_condition(view.previous.conditions or [], C.REBALANCING) is None:
         put(C.REBALANCING, S.UNKNOWN, R.PENDING, "the rebalancer has not evaluated this cluster yet")
-    if cond.find_condition(conds, C.TELEMETRY_AVAILABLE) is None:
-        put(C.TELEMETRY_AVAILABLE, S.UNKNOWN, R.PENDING, "no telemetry sample taken yet")
+
+
+def _rdma(
+    put: Setter, view: View, conds: list[cond.Condition], f: _Facts, tick: rebalance.Tick | None
+) -> None:
+    spec, obs = view.spec, view.observed
     nic_names = (spec.network.compute_nic.resource_name, spec.network.storage_nic.resource_name)
     live = [p for p in obs.pods if not p.terminating]
+    problem = rebalance.transport_problem(tick.sample) if tick is not None else None
+    verified = rebalance.verified_transport(tick.sample) if tick is not None else None
+    before = cond.find_condition(conds, C.RDMA_READY)
     if _nic_missing(f.unschedulable, nic_names):
         put(C.RDMA_READY, S.FALSE, R.NIC_RESOURCES_MISSING, f.unschedulable or "")
+    elif problem is not None:
+        put(C.RDMA_READY, S.FALSE, R.KV_OVER_TCP, problem)
+    elif verified is not None:
+        put(C.RDMA_READY, S.TRUE, R.TRANSPORT_VERIFIED, verified)
+    elif tick is None and before is not None and before.reason in (R.KV_OVER_TCP, R.TRANSPORT_VERIFIED):
+        return  # between ticks the last measured verdict stands
     elif live and all(p.node for p in live):
         put(
             C.RDMA_READY,
@@ -161,6 +234,9 @@ def _flip_events(prev: list[cond.Condition], conds: list[cond.Condition]) -> lis
 
 def _pod_events(ep: engines.EnginePlan) -> list[plans.Event]:
     events = [
+        plans.Event("Normal", "EngineGroupSwitching", f"switching {n} to {r} in place") for n, r in ep.switch
+    ]
+    events += [
         plans.Event("Normal", "EngineGroupCreated", f"creating {r} engine group #{o}") for r, o in ep.create
     ]
     events += [
@@ -170,9 +246,18 @@ def _pod_events(ep: engines.EnginePlan) -> list[plans.Event]:
     return events
 
 
-def _decision(view: View, f: _Facts, ep: engines.EnginePlan) -> api_status.Decision | None:
-    if not (ep.create or ep.delete or ep.mark_draining):
-        return view.previous.last_decision
+def _decision(
+    view: View, f: _Facts, ep: engines.EnginePlan, tick: rebalance.Tick | None
+) -> api_status.Decision | None:
+    prev = view.previous.last_decision
+    if tick is not None and tick.outcome is not None:
+        d = tick.outcome.decision
+        # A repeated Hold with the same reason is not news: keep the old entry (and spare a status write).
+        if tick.outcome.changed or prev is None or (d.action, d.reason) != (prev.action, prev.reason):
+            return d
+        return prev
+    if not (ep.create or ep.delete or ep.mark_draining or ep.switch):
+        return prev
     scaling = any(f.have[r] != f.want[r] for r in engines.ROLES)
     return api_status.Decision(
         time=view.now.astimezone(dt.UTC).replace(microsecond=0),
@@ -187,7 +272,7 @@ def _decision(view: View, f: _Facts, ep: engines.EnginePlan) -> api_status.Decis
 
 
 def compute(
-    view: View, want: dict[str, int], ep: engines.EnginePlan
+    view: View, want: dict[str, int], ep: engines.EnginePlan, tick: rebalance.Tick | None = None
 ) -> tuple[dict[str, Any], list[plans.Event]]:
     """Return (status as a camelCase dict, events)."""
     prev = list(view.previous.conditions or [])
@@ -199,8 +284,13 @@ def compute(
 
     f = _facts(view.observed, want)
     _health(put, f, ep)
-    _aux(put, view, conds, f)
+    _rebalancing(put, view, f, ep, tick)
+    _telemetry(put, view, conds, tick)
+    _rdma(put, view, conds, f, tick)
     events = _flip_events(prev, conds) + _pod_events(ep)
+    if tick is not None and tick.outcome is not None and tick.outcome.changed:
+        d = tick.outcome.decision
+        events.append(plans.Event("Normal", d.action, f"{d.reason} ({f.desired})"))
     new = api_status.DualPathClusterStatus(
         observed_generation=view.generation,
         conditions=conds,
@@ -212,7 +302,7 @@ def compute(
             endpoint=engine_config.scheduler_url(view.ref.name, view.ref.namespace, view.spec),
             ready=f.sched_ready,
         ),
-        path_weights=view.previous.path_weights,
-        last_decision=_decision(view, f, ep),
+        path_weights=tick.weights.path_weights() if tick is not None else view.previous.path_weights,
+        last_decision=_decision(view, f, ep, tick),
     )
     return new.model_dump(by_alias=True, exclude_none=True, mode="json"), events
