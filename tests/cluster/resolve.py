@@ -9,13 +9,17 @@ kube-proxy would do for a pod, done on plain pod/Service dicts without any I/O.
 - :func:`service_refs` / :func:`rewrite_services`: Service DNS URLs (``http://<svc>.<ns>.svc:<port>``)
   found in strings and rewritten to ``http://<pod IP>:<target port>``;
 - :func:`backend_address`: the address of a ready pod behind a Service port (selector match);
-- :func:`map_strings`: apply a string rewrite to every string in a parsed YAML/JSON document.
+- :func:`map_strings`: apply a string rewrite to every string in a parsed YAML/JSON document;
+- pod spec pieces: readiness probe targets, volume sources and their shared paths, the ``--config``
+  argument, NIC emulation in an engine config, and the pod status patch that reflects a process.
 
 Only the runner and its tests call this module.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -156,6 +160,18 @@ class MountMap:
             ((m.rstrip("/") or "/", p) for m, p in mounts.items()), key=lambda mp: len(mp[0]), reverse=True
         )
 
+    @classmethod
+    def of_containers(cls, containers: Sequence[Mapping[str, Any]], volumes: Mapping[str, Path]) -> MountMap:
+        """The mounts of every container (first wins on a path), ``subPath`` honoured."""
+        mounts: dict[str, Path] = {}
+        for c in containers:
+            for m in c.get("volumeMounts") or []:
+                if m["name"] not in volumes:
+                    raise PodError(f"container {c.get('name')}: mount of unknown volume {m['name']}")
+                local = volumes[m["name"]] / m["subPath"] if m.get("subPath") else volumes[m["name"]]
+                mounts.setdefault(str(m["mountPath"]), local)
+        return cls(mounts)
+
     @property
     def mounts(self) -> dict[str, Path]:
         return dict(self._mounts)
@@ -258,3 +274,119 @@ def map_strings(doc: Any, fn: Callable[[str], str]) -> Any:
     if isinstance(doc, dict):
         return {k: map_strings(v, fn) for k, v in doc.items()}
     return doc
+
+
+# ---- pod spec pieces --------------------------------------------------------------------------------
+
+Probe = tuple[str, str, int, str]
+"""``(kind, host, port, path)`` of a readiness probe: kind ``http`` (GET path, 2xx/3xx) or ``tcp``."""
+
+
+def probe_target(container: Mapping[str, Any], ip: str) -> Probe | None:
+    """The container's readinessProbe resolved against the pod IP; ``None`` = ready while running."""
+    probe = container.get("readinessProbe")
+    if not probe:
+        return None
+    ports = {p.get("name"): int(p["containerPort"]) for p in container.get("ports") or []}
+
+    def port_of(value: Any) -> int:
+        if isinstance(value, int) or str(value).isdigit():
+            return int(value)
+        if value not in ports:
+            raise PodError(f"probe port {value!r} is not a named container port")
+        return ports[value]
+
+    if probe.get("httpGet") is not None:
+        get = probe["httpGet"]
+        return ("http", get.get("host") or ip, port_of(get["port"]), get.get("path", "/"))
+    if probe.get("tcpSocket") is not None:
+        return ("tcp", probe["tcpSocket"].get("host") or ip, port_of(probe["tcpSocket"]["port"]), "")
+    raise PodError(f"container {container.get('name')}: only httpGet/tcpSocket probes are supported")
+
+
+def volume_source(volume: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """``(kind, source)`` of a pod volume, e.g. ``("hostPath", {"path": ...})``; no source = emptyDir."""
+    kinds = [k for k in volume if k != "name" and volume[k] is not None]
+    kind = kinds[0] if kinds else "emptyDir"
+    return kind, volume.get(kind) or {}
+
+
+def shared_volume_path(kind: str, source: Mapping[str, Any], namespace: str) -> Path:
+    """Where a storage volume lives under the runner's shared dir (the same for every pod and node,
+    like a shared filesystem): hostPath by path, PVC by namespace/claim, others by a source digest."""
+    if kind == "hostPath":
+        return Path("hostPath") / str(source.get("path", "")).strip("/")
+    if kind == "persistentVolumeClaim":
+        return Path("pvc") / namespace / str(source.get("claimName", ""))
+    digest = hashlib.sha256(json.dumps(source, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(kind) / digest
+
+
+def config_arg(argv: Sequence[str]) -> str | None:
+    """The value of the last ``--config X`` / ``--config=X`` argument, if any."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith("--config="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def with_nic_emulation(doc: Mapping[str, Any] | None, sysfs_root: Path) -> dict[str, Any]:
+    """An engine config document with NIC emulation on, counters written under ``sysfs_root``."""
+    out = dict(doc or {})
+    out["network"] = {**(out.get("network") or {}), "emulate": True, "sysfs_root": str(sysfs_root)}
+    return out
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """What the runner knows of one container's process: not started, running or exited (code)."""
+
+    started_at: str | None
+    exit_code: int | None = None
+    running: bool = False
+
+
+def status_patch(
+    containers: Sequence[Mapping[str, Any]],
+    states: Mapping[str, ContainerState],
+    *,
+    ready: bool,
+    reason: str,
+    message: str,
+    now: str,
+) -> dict[str, Any]:
+    """Pod status patch: Ready/ContainersReady conditions and one status per container, as a kubelet
+    would report them (a container without a state is waiting with ``reason``)."""
+    flag = "True" if ready else "False"
+    message = message[:1000]
+    conditions = [
+        {"type": t, "status": flag, "reason": reason, "message": message, "lastTransitionTime": now}
+        for t in ("Ready", "ContainersReady")
+    ]
+    statuses = []
+    for c in containers:
+        st = states.get(str(c.get("name")))
+        state: dict[str, Any]
+        if st is None or st.started_at is None:
+            state = {"waiting": {"reason": reason, "message": message}}
+        elif st.running:
+            state = {"running": {"startedAt": st.started_at}}
+        else:
+            code = st.exit_code if st.exit_code is not None else 137
+            terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
+            state = {"terminated": {**terminated, "startedAt": st.started_at, "finishedAt": now}}
+        statuses.append(
+            {
+                "name": c.get("name"),
+                "image": c.get("image", ""),
+                "imageID": "",
+                "ready": ready,
+                "restartCount": 0,
+                "started": st is not None and st.running,
+                "state": state,
+            }
+        )
+    return {"status": {"conditions": conditions, "containerStatuses": statuses}}

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -41,7 +40,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,7 +91,7 @@ class _Launch:
 
     argv: dict[str, list[str]]
     env: dict[str, dict[str, str]]
-    probes: dict[str, tuple[str, str, int, str] | None]
+    probes: dict[str, resolve.Probe | None]
     services: dict[resolve.ServiceRef, str]
 
 
@@ -105,10 +104,9 @@ class _Running:
     ip: str
     component: str
     pod_dir: Path
-    images: dict[str, str]
     grace_s: float
     procs: dict[str, child_processes.Managed] = field(default_factory=dict)
-    probes: dict[str, tuple[str, str, int, str] | None] = field(default_factory=dict)
+    probes: dict[str, resolve.Probe | None] = field(default_factory=dict)
     services: dict[resolve.ServiceRef, str] = field(default_factory=dict)
     started_at: str = ""
     ready: bool = False
@@ -117,10 +115,6 @@ class _Running:
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _decode(data: Mapping[str, str] | None) -> dict[str, str]:
-    return {k: base64.b64decode(v).decode(errors="replace") for k, v in (data or {}).items()}
 
 
 class PodRunner:
@@ -209,29 +203,26 @@ class PodRunner:
 
     def processes(self) -> list[PodProcess]:
         """Every process of a pod the runner currently runs (dead ones too, until the pod goes)."""
-        out = []
         with self._lock:
-            for run in self._running.values():
-                for container, proc in run.procs.items():
-                    code = proc.popen.poll() if proc.popen is not None else None
-                    out.append(
-                        PodProcess(
-                            namespace=run.namespace,
-                            pod=run.name,
-                            uid=run.uid,
-                            container=container,
-                            component=run.component,
-                            node=run.node,
-                            ip=run.ip,
-                            pid=proc.pid,
-                            log=proc.log,
-                            pod_dir=run.pod_dir,
-                            alive=proc.alive(),
-                            ready=run.ready,
-                            exit_code=code,
-                        )
-                    )
-        return out
+            return [
+                PodProcess(
+                    run.namespace,
+                    run.name,
+                    run.uid,
+                    container,
+                    run.component,
+                    run.node,
+                    run.ip,
+                    proc.pid,
+                    proc.log,
+                    run.pod_dir,
+                    proc.alive(),
+                    run.ready,
+                    proc.popen.poll() if proc.popen is not None else None,
+                )
+                for run in self._running.values()
+                for container, proc in run.procs.items()
+            ]
 
     def started_pids(self) -> list[int]:
         """PIDs of every process the runner ever started (for no-process-left-behind checks)."""
@@ -312,7 +303,6 @@ class PodRunner:
             ip=ip,
             component=(meta.get("labels") or {}).get(COMPONENT, ""),
             pod_dir=pod_dir,
-            images={c["name"]: c.get("image", "") for c in spec["containers"]},
             grace_s=min(self.stop_grace_s, float(spec.get("terminationGracePeriodSeconds", 30))),
             probes=launch.probes,
             services=launch.services,
@@ -355,14 +345,7 @@ class PodRunner:
                 )
         (pod_dir / "home").mkdir(parents=True, exist_ok=True)
         volumes = self._volumes(pod, pod_dir)
-        mounts: dict[str, Path] = {}
-        for c in containers:
-            for m in c.get("volumeMounts") or []:
-                if m["name"] not in volumes:
-                    raise resolve.PodError(f"container {c['name']}: mount of unknown volume {m['name']}")
-                local = volumes[m["name"]] / m["subPath"] if m.get("subPath") else volumes[m["name"]]
-                mounts.setdefault(m["mountPath"], local)
-        mount_map = resolve.MountMap(mounts)
+        mount_map = resolve.MountMap.of_containers(containers, volumes)
         envs = {c["name"]: resolve.container_env(pod, c, self._configmap, self._secret) for c in containers}
         raw_argv = {
             c["name"]: [resolve.expand(a, envs[c["name"]]) for a in [*c["command"], *(c.get("args") or [])]]
@@ -394,7 +377,7 @@ class PodRunner:
         if self.emulate_nics and (meta.get("labels") or {}).get(COMPONENT) == ENGINE:
             for args in argv.values():
                 self._emulate_nics(args, spec["nodeName"], pod_dir)
-        probes = {c["name"]: self._probe(c, pod["status"]["podIP"]) for c in containers}
+        probes = {c["name"]: resolve.probe_target(c, pod["status"]["podIP"]) for c in containers}
         return _Launch(argv=argv, env=env, probes=probes, services=watched)
 
     def _resolve_services(
@@ -426,9 +409,7 @@ class PodRunner:
         out: dict[str, Path] = {}
         for vol in pod["spec"].get("volumes") or []:
             name = vol["name"]
-            kinds = [k for k in vol if k != "name" and vol[k] is not None]
-            kind = kinds[0] if kinds else "emptyDir"
-            source = vol.get(kind) or {}
+            kind, source = resolve.volume_source(vol)
             local = pod_dir / "volumes" / name
             if kind == "configMap":
                 self._write_keys(local, ns, source, source.get("name", ""), self._configmap_bytes)
@@ -439,14 +420,7 @@ class PodRunner:
             elif kind in UNSUPPORTED_VOLUMES:
                 raise resolve.PodError(f"volume {name}: {kind} volumes are not supported by the local runner")
             else:
-                if kind == "hostPath":
-                    rel = Path("hostPath") / str(source.get("path", "")).strip("/")
-                elif kind == "persistentVolumeClaim":
-                    rel = Path("pvc") / ns / str(source.get("claimName", ""))
-                else:
-                    digest = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
-                    rel = Path(kind) / digest
-                local = self.work_dir / "shared" / rel
+                local = self.work_dir / "shared" / resolve.shared_volume_path(kind, source, ns)
                 local.mkdir(parents=True, exist_ok=True)
             out[name] = local
         return out
@@ -455,11 +429,11 @@ class PodRunner:
         self,
         target: Path,
         ns: str,
-        source: dict[str, Any],
+        source: Mapping[str, Any],
         name: str,
-        lookup: Any,
+        lookup: Callable[[str, str], dict[str, bytes] | None],
     ) -> None:
-        data: dict[str, bytes] | None = lookup(ns, name)
+        data = lookup(ns, name)
         if data is None:
             if source.get("optional", False):
                 target.mkdir(parents=True, exist_ok=True)
@@ -492,12 +466,7 @@ class PodRunner:
 
     def _emulate_nics(self, argv: list[str], node: str, pod_dir: Path) -> None:
         """Point the engine config (``--config``) at this node's fake sysfs tree, emulation on."""
-        config: str | None = None
-        for i, arg in enumerate(argv):
-            if arg == "--config" and i + 1 < len(argv):
-                config = argv[i + 1]
-            elif arg.startswith("--config="):
-                config = arg.split("=", 1)[1]
+        config = resolve.config_arg(argv)
         if config is None:
             return
         path = Path(config)
@@ -508,31 +477,8 @@ class PodRunner:
         root = self.work_dir / "nodes" / node / "sys"
         root.mkdir(parents=True, exist_ok=True)
         self._sysfs[node] = root
-        doc = yaml.safe_load(path.read_text()) or {}
-        doc["network"] = {**(doc.get("network") or {}), "emulate": True, "sysfs_root": str(root)}
+        doc = resolve.with_nic_emulation(yaml.safe_load(path.read_text()), root)
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
-
-    @staticmethod
-    def _probe(container: dict[str, Any], ip: str) -> tuple[str, str, int, str] | None:
-        """``(kind, host, port, path)`` of the readinessProbe; ``None`` = ready while alive."""
-        probe = container.get("readinessProbe")
-        if not probe:
-            return None
-        ports = {p.get("name"): int(p["containerPort"]) for p in container.get("ports") or []}
-
-        def port_of(value: Any) -> int:
-            if isinstance(value, int) or str(value).isdigit():
-                return int(value)
-            if value not in ports:
-                raise resolve.PodError(f"probe port {value!r} is not a named container port")
-            return ports[value]
-
-        if probe.get("httpGet") is not None:
-            get = probe["httpGet"]
-            return ("http", get.get("host") or ip, port_of(get["port"]), get.get("path", "/"))
-        if probe.get("tcpSocket") is not None:
-            return ("tcp", probe["tcpSocket"].get("host") or ip, port_of(probe["tcpSocket"]["port"]), "")
-        raise resolve.PodError(f"container {container['name']}: only httpGet/tcpSocket probes are supported")
 
     # ---- API lookups ---------------------------------------------------------------------------------
 
@@ -544,27 +490,29 @@ class PodRunner:
                 return None
             raise
 
-    def _configmap(self, ns: str, name: str) -> dict[str, str] | None:
-        cm = self._get(ConfigMap, ns, name)
-        return None if cm is None else dict(cm.data or {})
-
-    def _secret(self, ns: str, name: str) -> dict[str, str] | None:
-        secret = self._get(Secret, ns, name)
-        return None if secret is None else _decode(secret.data)
+    def _data(self, kind: type[ConfigMap] | type[Secret], ns: str, name: str) -> dict[str, bytes] | None:
+        """A ConfigMap's data + binaryData or a Secret's decoded data; ``None`` when it does not exist."""
+        obj = self._get(kind, ns, name)
+        if obj is None:
+            return None
+        if isinstance(obj, ConfigMap):
+            out = {k: v.encode() for k, v in (obj.data or {}).items()}
+            return out | {k: base64.b64decode(v) for k, v in (obj.binaryData or {}).items()}
+        return {k: base64.b64decode(v) for k, v in (obj.data or {}).items()}
 
     def _configmap_bytes(self, ns: str, name: str) -> dict[str, bytes] | None:
-        cm = self._get(ConfigMap, ns, name)
-        if cm is None:
-            return None
-        out = {k: v.encode() for k, v in (cm.data or {}).items()}
-        out.update({k: base64.b64decode(v) for k, v in (cm.binaryData or {}).items()})
-        return out
+        return self._data(ConfigMap, ns, name)
 
     def _secret_bytes(self, ns: str, name: str) -> dict[str, bytes] | None:
-        secret = self._get(Secret, ns, name)
-        if secret is None:
-            return None
-        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+        return self._data(Secret, ns, name)
+
+    def _configmap(self, ns: str, name: str) -> dict[str, str] | None:
+        data = self._data(ConfigMap, ns, name)
+        return None if data is None else {k: v.decode(errors="replace") for k, v in data.items()}
+
+    def _secret(self, ns: str, name: str) -> dict[str, str] | None:
+        data = self._data(Secret, ns, name)
+        return None if data is None else {k: v.decode(errors="replace") for k, v in data.items()}
 
     def _service_address(self, ref: resolve.ServiceRef, *, required: bool) -> str | None:
         svc = self._get(Service, ref.namespace, ref.name)
@@ -626,7 +574,7 @@ class PodRunner:
             self._patch_status(meta, spec, ready=True, reason="ProcessReady", message="probe passed", run=run)
 
     @staticmethod
-    def _probe_ok(probe: tuple[str, str, int, str] | None) -> bool:
+    def _probe_ok(probe: resolve.Probe | None) -> bool:
         if probe is None:
             return True
         kind, host, port, path = probe
@@ -672,48 +620,14 @@ class PodRunner:
         """Set Ready/ContainersReady (and container states) on the pod's status subresource."""
         if not self.reflect_status:
             return
-        now = _now()
-        flag = "True" if ready else "False"
-        conditions = [
-            {
-                "type": t,
-                "status": flag,
-                "reason": reason,
-                "message": message[:1000],
-                "lastTransitionTime": now,
-            }
-            for t in ("Ready", "ContainersReady")
-        ]
-        statuses = []
-        for c in spec.get("containers") or []:
-            proc = run.procs.get(c["name"]) if run is not None else None
-            state: dict[str, Any]
-            if proc is None:
-                state = {"waiting": {"reason": reason, "message": message[:1000]}}
-            elif proc.alive():
-                state = {"running": {"startedAt": run.started_at if run else now}}
-            else:
-                code = proc.popen.poll() if proc.popen is not None else None
-                state = {
-                    "terminated": {
-                        "exitCode": code if code is not None else 137,
-                        "reason": "Completed" if code == 0 else "Error",
-                        "startedAt": run.started_at if run else now,
-                        "finishedAt": now,
-                    }
-                }
-            statuses.append(
-                {
-                    "name": c["name"],
-                    "image": c.get("image", ""),
-                    "imageID": "",
-                    "ready": ready,
-                    "restartCount": 0,
-                    "started": proc is not None and proc.alive(),
-                    "state": state,
-                }
-            )
-        body = {"status": {"conditions": conditions, "containerStatuses": statuses}}
+        states = {}
+        for name, proc in run.procs.items() if run is not None else ():
+            code = proc.popen.poll() if proc.popen is not None else None
+            states[name] = resolve.ContainerState(run.started_at if run else None, code, proc.alive())
+        containers = spec.get("containers") or []
+        body = resolve.status_patch(
+            containers, states, ready=ready, reason=reason, message=message, now=_now()
+        )
         try:
             self.client.patch(Pod.Status, meta["name"], body, namespace=meta["namespace"])
         except ApiError as exc:

@@ -129,6 +129,65 @@ def test_service_urls_map_to_a_ready_backend_pod() -> None:
     assert out == "scheduler_url: http://127.0.0.7:9001 and https://x.y.svc.cluster.local/"
 
 
+@pytest.mark.timeout(10)
+def test_pod_spec_pieces_probes_volumes_config_and_status() -> None:
+    container = {
+        "name": "engine",
+        "ports": [{"name": "http", "containerPort": 8000}],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}},
+    }
+    assert resolve.probe_target(container, "127.10.0.4") == ("http", "127.10.0.4", 8000, "/healthz")
+    assert resolve.probe_target({**container, "readinessProbe": {"tcpSocket": {"port": 81}}}, "h") == (
+        "tcp", "h", 81, "",
+    )  # fmt: skip
+    with pytest.raises(resolve.PodError, match="only httpGet"):
+        resolve.probe_target({**container, "readinessProbe": {"exec": {"command": ["true"]}}}, "h")
+    with pytest.raises(resolve.PodError, match="named container port"):
+        resolve.probe_target({**container, "readinessProbe": {"httpGet": {"port": "metrics"}}}, "h")
+
+    host = resolve.volume_source({"name": "kv", "hostPath": {"path": "/var/lib/kv/", "type": "Directory"}})
+    assert resolve.shared_volume_path(*host, "ns1") == Path("hostPath/var/lib/kv")
+    pvc = resolve.volume_source({"name": "kv", "persistentVolumeClaim": {"claimName": "store"}})
+    assert resolve.shared_volume_path(*pvc, "ns1") == Path("pvc/ns1/store")
+    nfs = resolve.volume_source({"name": "kv", "nfs": {"server": "s", "path": "/x"}})
+    assert resolve.shared_volume_path(*nfs, "a") == resolve.shared_volume_path(*nfs, "b")  # shared storage
+    assert resolve.volume_source({"name": "tmp"}) == ("emptyDir", {})
+
+    assert resolve.config_arg(["python", "-m", "x", "--config", "/a.yaml"]) == "/a.yaml"
+    assert resolve.config_arg(["x", "--config=/b.yaml"]) == "/b.yaml"
+    assert resolve.config_arg(["x", "--config"]) is None
+    doc = resolve.with_nic_emulation(
+        {"network": {"storage_nic": {"device": "s0"}}, "port": 1}, Path("/r/sys")
+    )
+    assert doc == {
+        "network": {"storage_nic": {"device": "s0"}, "emulate": True, "sysfs_root": "/r/sys"},
+        "port": 1,
+    }
+
+    containers = [{"name": "engine", "image": "img"}, {"name": "side", "image": "img2"}]
+    states = {"engine": resolve.ContainerState("t0", exit_code=3, running=False)}
+    body = resolve.status_patch(
+        containers, states, ready=False, reason="ProcessExited", message="m", now="t1"
+    )
+    conds = {c["type"]: c["status"] for c in body["status"]["conditions"]}
+    assert conds == {"Ready": "False", "ContainersReady": "False"}
+    engine, side = body["status"]["containerStatuses"]
+    assert engine["state"] == {
+        "terminated": {"exitCode": 3, "reason": "Error", "startedAt": "t0", "finishedAt": "t1"}
+    }
+    assert side["state"] == {"waiting": {"reason": "ProcessExited", "message": "m"}}
+    running = resolve.status_patch(
+        containers[:1],
+        {"engine": resolve.ContainerState("t0", running=True)},
+        ready=True,
+        reason="R",
+        message="",
+        now="t2",
+    )
+    assert running["status"]["containerStatuses"][0]["state"] == {"running": {"startedAt": "t0"}}
+    assert running["status"]["containerStatuses"][0]["ready"] is True
+
+
 # ---- real processes on the local cluster ----------------------------------------------------------
 
 
