@@ -176,3 +176,15 @@ def test_dashboard_expressions_parse(tmp_path: Path) -> None:
         [promtool(), "check", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "rate(dualpath_engine_kv_read_byte_total[5m])",  # typo
+        "rate(dualpath_operator_reconcile[5m])",  # counter without _total
+        "dualpath_scheduler_time_to_first_token_seconds",  # histogram without a suffix
+    ],
+)
+def test_a_name_the_code_does_not_export_is_reported(expr: str, exported_names: set[str]) -> None:
+    assert exported.promql_metric_names(expr) - exported_names
