@@ -17,7 +17,7 @@ NODES ?= 4
 PROFILE ?= h200
 
 .PHONY: help setup venv tools fmt lint typecheck imports test test-unit test-integration test-e2e test-gpu \
-        crds verify chart-lint cluster-up cluster-down demo bench lock clean
+        crds verify chart-lint cluster-up cluster-down demo bench bench-operator e2e-kind lock clean
 
 help:  ## List targets
 	@awk -F':.*## ' '/^[a-zA-Z0-9_-]+:.*## /{printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -92,6 +92,12 @@ demo: setup  ## Bring the local cluster up, show the fake GPU/RDMA nodes, tear d
 
 bench: venv  ## CPU benchmarks and the simulator (results go to docs/benchmarks.md)
 	$(PY) -m bench
+
+bench-operator: setup  ## Operator at scale: 100 fake nodes, 10 clusters (local control plane)
+	$(PY) -m bench.operator_scale --nodes 100 --clusters 10 --markdown
+
+e2e-kind:  ## The e2e suite on a kind cluster (needs Docker, kind, helm; not run in CI)
+	tests/e2e/kind/run.sh $(KIND_ARGS)
 
 clean:  ## Remove .dev (stops nothing: run cluster-down first)
 	rm -rf .dev

@@ -14,5 +14,5 @@ ln -sfn "$CACHE/kwok/$KWOK_VERSION/stages.yaml" "$BIN/kwok-stages.yaml"
 link "$CACHE/helm/$HELM_VERSION/helm" helm
 while read -r dir; do
   for b in "$dir"/*; do ln -sfn "$b" "$BIN/$(basename "$b")"; done
-done < <("$HERE/install-telemetry.sh")
+done < <("$HERE/install-debian-tools.sh")
 echo "tools linked into $BIN:" >&2; ls "$BIN" >&2

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install Debian's prometheus and prometheus-node-exporter binaries without starting any service.
+# Install Debian's prometheus, prometheus-node-exporter (telemetry tests, demo) and shellcheck (lint of
+# the kind scripts) binaries without starting any service.
 #
 # The packages are fetched with apt-get download and unpacked with dpkg -x into
 # ${DUALPATH_CACHE:-~/.cache/dualpath}/debian/<package>/<version>/ (no maintainer scripts, no systemd
@@ -7,7 +8,7 @@
 # are used. Prints the directory holding usr/bin of each package.
 set -euo pipefail
 CACHE=${DUALPATH_CACHE:-$HOME/.cache/dualpath}
-log() { printf '[install-telemetry %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+log() { printf '[install-debian-tools %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 install_pkg() {
   local pkg=$1 bin=$2 ver dir
@@ -31,3 +32,4 @@ install_pkg() {
 
 install_pkg prometheus prometheus
 install_pkg prometheus-node-exporter prometheus-node-exporter
+install_pkg shellcheck shellcheck
