@@ -4,7 +4,8 @@ Runs the simulator scenarios of ``bench.sim.scenarios`` (Fig. 8 relations, stora
 degraded storage NIC, Auto ratio vs static ratios, full scale) and the scheduler decision cost of
 ``bench.decision_cost``, prints every table, and with ``--write-docs`` rewrites the "Simulator" and
 "Scheduler decision cost" sections of docs/benchmarks.md (other sections are kept). Exits 1 when a
-paper relation does not hold, so CI notices. ``--quick`` runs everything at a small size (seconds).
+paper relation (Fig. 8) does not hold, so CI notices; other comparisons are reported as findings.
+``--quick`` runs everything at a small size (seconds).
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_docs:
         report.write_sections(args.docs, {"simulator": simulator, "decision-cost": decision})
         print(f"\nwrote {args.docs}")
-    failed = [c.name for r in reports for c in r.checks if not c.ok]
+    failed = [c.name for r in reports for c in r.checks if c.gating and not c.ok]
     if failed:
         print("\nrelations that do not hold: " + "; ".join(failed), file=sys.stderr)
     return 1 if failed else 0

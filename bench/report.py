@@ -36,16 +36,19 @@ def render(report: scenarios.Report) -> str:
         parts += [
             "",
             table(
-                ("paper relation", "ratio", "within", "holds"),
-                [
-                    (c.name, f"{c.ratio:.3f}", f"±{c.tolerance:.0%}", "yes" if c.ok else "NO")
-                    for c in report.checks
-                ],
+                ("relation", "ratio", "within", "holds"),
+                [(c.name, f"{c.ratio:.3f}", f"±{c.tolerance:.0%}", _verdict(c)) for c in report.checks],
             ),
         ]
     if report.notes:
         parts += [""] + [f"- {note}" for note in report.notes]
     return "\n".join(parts)
+
+
+def _verdict(check: scenarios.Check) -> str:
+    if check.ok:
+        return "yes"
+    return "NO" if check.gating else "no (finding)"
 
 
 def environment() -> str:

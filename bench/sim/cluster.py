@@ -165,6 +165,9 @@ class Simulation:
         self.private: dict[str, collections.deque[Request]] = {
             n.name: collections.deque() for n in self.nodes
         }
+        self._private_tokens: collections.Counter[str] = collections.Counter()
+        self._rq = {n.name: 0 for n in self.nodes}
+        """``rq`` kept up to date as reads are queued and finish (no copy per decision)."""
         self.finished: list[Request] = []
         self._tick_at: float | None = None
         self._last_tick = -1.0
@@ -269,7 +272,7 @@ class Simulation:
             self.at(self._tick_at, self._tick)
 
     def read_queues(self) -> dict[str, int]:
-        """The paper's ``rq`` per node, in tokens."""
+        """The paper's ``rq`` per node, in tokens (a fresh copy)."""
         return {n.name: n.snic.queued_tokens for n in self.nodes}
 
     def _tick(self) -> None:
@@ -294,7 +297,7 @@ class Simulation:
             result = policy.select_prefill_engines(
                 views,
                 [policy.EngineView(e.engine_id, node.name, e.seq, e.tok) for e in node.prefill],
-                self.read_queues(),
+                self._rq,
                 self.alpha,
                 self.beta,
             )
@@ -309,15 +312,13 @@ class Simulation:
     def _fetch_decode(self) -> int:
         groups = [n for n in self.nodes if n.role == "decode" and n.accepting]
         if self.de_queue and groups:
-            loads = {
-                n.name: sum(e.tok for e in n.decode) + sum(r.de_tokens for r in self.private[n.name])
-                for n in groups
-            }
+            loads = {n.name: sum(e.tok for e in n.decode) + self._private_tokens[n.name] for n in groups}
             views = [policy.RequestView(r.request_id, r.de_tokens, self._hbm(r)) for r in self.de_queue]
             spread = policy.distribute_to_decode_groups(views, loads)
             by_id = {r.request_id: r for r in self.de_queue}
             for name, ids in spread.items():
                 self.private[name].extend(by_id[i] for i in ids)
+                self._private_tokens[name] += sum(by_id[i].de_tokens for i in ids)
             self.de_queue.clear()
         assigned = 0
         for node in groups:
@@ -333,6 +334,7 @@ class Simulation:
             )
             for assignment in result.assignments:
                 request = private.popleft()
+                self._private_tokens[node.name] -= request.de_tokens
                 if request.request_id != assignment.request_id:
                     raise RuntimeError("DE selection broke queue order")
                 self._bind_de(request, engines[assignment.engine_id])
@@ -402,7 +404,7 @@ class Simulation:
             self.block,
             pe_node.name,
             de_node.name,
-            self.read_queues(),
+            self._rq,
             float(self.kvb),
             self.capacity,
             self.cfg.hardware.snic_bytes_per_s,
@@ -414,12 +416,14 @@ class Simulation:
             if tokens:
                 request.reads_left += 1
                 end = node.snic.enqueue(self.now, tokens * self.kvb, tokens)
+                self._rq[node.name] += tokens
                 self.at(end, functools.partial(self._read_done, request, node, tokens))
         if request.reads_left == 0:
             self._ready(request)
 
     def _read_done(self, request: Request, node: Node, tokens: int) -> None:
         node.snic.complete(tokens)
+        self._rq[node.name] -= tokens
         request.reads_left -= 1
         if request.reads_left == 0:
             self._ready(request)
@@ -575,6 +579,7 @@ class Simulation:
         if node.role == "decode":
             self.de_queue.extendleft(reversed(self.private[node.name]))
             self.private[node.name].clear()
+            self._private_tokens[node.name] = 0
         self._after_release(node)
 
     def _after_release(self, node: Node) -> None:

@@ -87,3 +87,21 @@ def test_windows_start_on_the_stored_context_of_the_turns_before_them() -> None:
         turns = list(full.turns)
         start = next(i for i in range(len(turns)) if tuple(turns[i : i + len(part.turns)]) == part.turns)
         assert part.stored_context == sum(t.append + t.generate for t in turns[:start])
+
+
+def test_fig8_configurations_are_checked_against_the_papers_validity_bound() -> None:
+    cfg = config.SimConfig()
+    assert scenarios.validity(cfg, 1, 2).startswith("1P2D inside")
+    assert scenarios.validity(cfg, 1, 8).startswith("1P8D OUTSIDE")  # P/D = 1/8 < 1/7
+
+
+def test_python_m_bench_quick_writes_both_sections_with_the_command(tmp_path: pathlib.Path) -> None:
+    from bench import __main__ as cli
+
+    doc = tmp_path / "benchmarks.md"
+    rc = cli.main(["--quick", "--scale-agents", "0", "--write-docs", "--docs", str(doc)])
+    text = doc.read_text()
+    assert rc == 0
+    assert "## Simulator" in text and "## Scheduler decision cost" in text
+    assert "Command: `python -m bench --quick --scale-agents 0 --write-docs" in text
+    assert "DualPath 2P1D ~ DualPath 1P2D" in text
