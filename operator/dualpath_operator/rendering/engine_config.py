@@ -61,6 +61,24 @@ def scheduler_url(cluster: str, namespace: str, spec: api.DualPathClusterSpec) -
     return f"http://{names.scheduler(cluster)}.{namespace}.svc:{spec.scheduler.port}"
 
 
+#: Where engine pods mount ``spec.network.emulation.sysfsHostPath`` (the fake sysfs tree's root).
+EMULATED_SYSFS_DIR = "/var/lib/dualpath/sys"
+
+
+def _network(spec: api.DualPathClusterSpec, line_rate: float) -> dict[str, Any]:
+    snic: dict[str, Any] = {"device": "mlx5_storage0", "line_rate_bytes_per_s": line_rate}
+    emu = spec.network.emulation
+    net: dict[str, Any] = {"storage_nic": snic}
+    if emu.enabled:
+        budget = (
+            emu.storage_budget_gbps if emu.storage_budget_gbps is not None else spec.network.storage_nic.gbps
+        )
+        snic["budget_bytes_per_s"] = budget * 1e9 / 8
+        net["emulate"] = True
+        net["sysfs_root"] = EMULATED_SYSFS_DIR
+    return net
+
+
 def engine_document(cluster: str, namespace: str, spec: api.DualPathClusterSpec, gpus: int) -> dict[str, Any]:
     """``engine.yaml``: everything but role, group, node, host and port (set per pod via env)."""
     snic = spec.network.storage_nic
@@ -72,9 +90,7 @@ def engine_document(cluster: str, namespace: str, spec: api.DualPathClusterSpec,
         "mode": "dualpath",
         "model": _model(spec),
         "kv": _kv(spec),
-        "network": {
-            "storage_nic": {"device": "mlx5_storage0", "line_rate_bytes_per_s": line_rate},
-        },
+        "network": _network(spec, line_rate),
         "transport": {"kind": "tcp", "port": spec.engine.port + KV_TRANSPORT_PORT_OFFSET},
     }
     return doc

@@ -333,6 +333,10 @@ def engine_pod_spec(
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
+    if spec.network.emulation.enabled:
+        container["volumeMounts"].append(
+            {"name": "emulated-sysfs", "mountPath": engine_config.EMULATED_SYSFS_DIR}
+        )
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -351,6 +355,13 @@ def engine_pod_spec(
         ],
         "affinity": _affinity(ref, rs),
     }
+    if spec.network.emulation.enabled:
+        pod_spec["volumes"].append(
+            {
+                "name": "emulated-sysfs",
+                "hostPath": {"path": spec.network.emulation.sysfs_host_path, "type": "DirectoryOrCreate"},
+            }
+        )
     if rs.node_selector:
         pod_spec["nodeSelector"] = dict(rs.node_selector)
     if rs.tolerations:

@@ -108,3 +108,21 @@ def test_children_never_carry_argo_cds_tracking_label() -> None:
     for m in [*children, manifests.engine_pod(REF, spec(), "prefill", 0, "cfg")]:
         assert "app.kubernetes.io/instance" not in m["metadata"]["labels"]
         assert m["metadata"]["ownerReferences"][0]["controller"] is True
+
+
+def test_nic_emulation_renders_budgets_and_a_hostpath_sysfs_tree(tmp_path: Path) -> None:
+    def emulate(s: dict[str, Any]) -> None:
+        s["network"]["emulation"] = {"enabled": True, "storageBudgetGbps": 8}
+
+    s = spec(emulate)
+    pod = manifests.engine_pod(REF, s, "decode", 0, "cfg")
+    vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert vols["emulated-sysfs"]["hostPath"]["path"] == "/var/lib/dualpath/sys"
+    mounts = {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["emulated-sysfs"] == rendered_config.EMULATED_SYSFS_DIR
+    (tmp_path / "engine.yaml").write_text(rendered_config.render("c", "ns", s)["engine.yaml"])
+    eng = engine_config.load_engine_config(tmp_path / "engine.yaml", {"DUALPATH_ROLE": "decode"})
+    assert eng.network.emulate is True and eng.network.sysfs_root == rendered_config.EMULATED_SYSFS_DIR
+    assert eng.network.storage_nic.budget_bytes_per_s == 1e9
+    plain = manifests.engine_pod(REF, spec(), "decode", 0, "cfg")
+    assert "emulated-sysfs" not in {v["name"] for v in plain["spec"]["volumes"]}

@@ -459,6 +459,30 @@ class TrafficClassSpec(common.ApiModel):
         return self
 
 
+class EmulationSpec(common.ApiModel):
+    """NIC emulation for clusters without RDMA hardware (kind, CI, demos): engines model each NIC as a
+    token bucket with byte counters and write them as a fake /sys/class/infiniband tree that a
+    node_exporter (infiniband collector) on the node reads. Never enable it on real RDMA nodes."""
+
+    enabled: bool = Field(False, description="Emulate the NICs in the engines and write fake sysfs counters.")
+    sysfs_host_path: str = Field(
+        "/var/lib/dualpath/sys",
+        min_length=2,
+        max_length=256,
+        pattern=r"^/[-A-Za-z0-9_./]*[-A-Za-z0-9_.]$",
+        description=(
+            "Node directory (hostPath) the engines write the fake sysfs tree into; point the node_exporter "
+            "of that node at it with --path.sysfs."
+        ),
+    )
+    storage_budget_gbps: int | None = Field(
+        None,
+        ge=1,
+        le=3200,
+        description="Emulated storage-NIC budget in Gbit/s (default: spec.network.storageNic.gbps).",
+    )
+
+
 class NetworkSpec(common.ApiModel):
     """The RDMA NICs engine pods request; open to a later DRA mode (GPU and NIC claims on one PCIe root)."""
 
@@ -474,6 +498,11 @@ class NetworkSpec(common.ApiModel):
     traffic_class: TrafficClassSpec = Field(
         default_factory=TrafficClassSpec,
         description="Traffic classes separating KV traffic from model traffic.",
+        json_schema_extra=common.schema_extra(default={}),
+    )
+    emulation: EmulationSpec = Field(
+        default_factory=EmulationSpec,
+        description="NIC emulation for clusters without RDMA hardware (off by default).",
         json_schema_extra=common.schema_extra(default={}),
     )
 
