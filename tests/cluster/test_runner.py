@@ -10,6 +10,7 @@ NotReady, and that deleting the DualPathCluster stops every process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -304,6 +305,8 @@ def test_runner_runs_real_engines_and_scheduler_for_operator_pods(
         assert _get(f"{sched_url}/healthz")
         for engine in engines:  # each engine serves on its own pod IP
             assert _get(f"http://{engine.ip}:{_http_port(pods[engine.pod])}/healthz")
+        for proc in procs.values():  # bound to the pod IP itself (not 0.0.0.0 or 127.0.0.1)
+            assert (proc.ip, _http_port(pods[proc.pod])) in _listening(proc.pid), proc
 
         harness.wait_for("both engines registered", lambda: _registered(sched_url, engines), 60)
         _complete(sched_url)
@@ -370,6 +373,24 @@ def test_runner_runs_real_engines_and_scheduler_for_operator_pods(
         pod_runner.stop_all()
         itc.delete_dpc(kube, namespace, name)
     assert not any(processes.pid_alive(pid) for pid in pod_runner.started_pids())
+
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """(IPv4 address, port) of every TCP socket in LISTEN state that process ``pid`` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
+            hex_ip, hex_port = fields[1].split(":")
+            ip = ".".join(str(b) for b in reversed(bytes.fromhex(hex_ip)))
+            out.add((ip, int(hex_port, 16)))
+    return out
 
 
 def _registered(sched_url: str, engines: list[runner.PodProcess]) -> bool:
