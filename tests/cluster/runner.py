@@ -149,6 +149,7 @@ class PodRunner:
         self._stopping: dict[str, tuple[str, threading.Thread]] = {}
         self._waiting: dict[str, str] = {}
         self._sysfs: dict[str, Path] = {}
+        self._addresses: dict[resolve.ServiceRef, str | None] = {}
         self._finished: list[child_processes.Managed] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -261,6 +262,7 @@ class PodRunner:
             if spec.get("nodeName") and status.get("podIP"):
                 desired[meta["uid"]] = pod
         with self._lock:
+            self._addresses.clear()
             self._reap_stopping()
             for uid in list(self._running):
                 if uid not in desired:
@@ -515,16 +517,18 @@ class PodRunner:
         return None if data is None else {k: v.decode(errors="replace") for k, v in data.items()}
 
     def _service_address(self, ref: resolve.ServiceRef, *, required: bool) -> str | None:
-        svc = self._get(Service, ref.namespace, ref.name)
-        address = None
-        if svc is not None:
-            selector = (svc.spec.selector if svc.spec else None) or {}
-            backends = (
-                [p.to_dict() for p in self.client.list(Pod, namespace=ref.namespace, labels=dict(selector))]
-                if selector
-                else []
-            )
-            address = resolve.backend_address(svc.to_dict(), ref.port, [self._as_known(p) for p in backends])
+        """``ip:port`` behind a Service port, looked up once per pass (``None`` = no ready backend)."""
+        if ref in self._addresses:
+            address = self._addresses[ref]
+        else:
+            address = None
+            svc = self._get(Service, ref.namespace, ref.name)
+            selector = ((svc.spec.selector if svc.spec else None) or {}) if svc is not None else {}
+            if svc is not None and selector:
+                listed = self.client.list(Pod, namespace=ref.namespace, labels=dict(selector))
+                backends = [self._as_known(p.to_dict()) for p in listed]
+                address = resolve.backend_address(svc.to_dict(), ref.port, backends)
+            self._addresses[ref] = address
         if address is None and required:
             raise resolve.NotYetError(
                 f"Service {ref.namespace}/{ref.name}:{ref.port} has no ready backend yet"
