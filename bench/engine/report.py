@@ -69,7 +69,9 @@ def kvload(data: dict[str, Any]) -> list[str]:
     goal = f"ideal {ideal:.1f}, goal >= {0.95 * ideal:.2f}"
     lines.append(
         f"DualPath / Basic = {_ratio(ratios.get('dualpath_over_basic'), goal)}; "
-        f"DualPath / sum of budgets = {_ratio(ratios.get('dualpath_over_sum_of_budgets'), 'goal >= 0.95')}."
+        f"DualPath / sum of budgets = {_ratio(ratios.get('dualpath_over_sum_of_budgets'), 'goal >= 0.95')}; "
+        "sum of budgets / harness ceiling = "
+        f"{_ratio(data.get('sum_of_budgets_over_harness_ceiling'), 'valid <= 0.7')}."
     )
     return lines
 
