@@ -172,7 +172,7 @@ class Simulation:
         self._tick_at: float | None = None
         self._last_tick = -1.0
         self._ids = itertools.count()
-        self._rr = {"pe": 0, "de": 0, "side": 0}
+        self._rr = {"pe": 0, "de": 0, "side": 0, "fetch": 0}
         self.counters: collections.Counter[str] = collections.Counter()
         self.role_switches = 0
         self.alpha = int(cfg.alpha_seconds * hw.snic_bytes_per_s / self.kvb)
@@ -288,6 +288,11 @@ class Simulation:
     def _fetch_prefill(self) -> int:
         assigned = 0
         groups = [n for n in self.nodes if n.role == "prefill" and n.accepting]
+        # Leaders fetch on their own clocks: which group asks first rotates from round to round.
+        if groups:
+            first = self._rr["fetch"] % len(groups)
+            groups = groups[first:] + groups[:first]
+            self._rr["fetch"] += 1
         for node in groups:
             if not self.pe_queue:
                 break

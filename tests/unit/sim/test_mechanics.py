@@ -149,3 +149,10 @@ def test_a_role_switch_drains_first_and_every_turn_still_finishes() -> None:
     # arrived after the switch decoded elsewhere.
     late = [r for r in sim.finished if r.arrived > switched_at[0]]
     assert late and all(r.de is not None and r.de.node.name != "node-2" for r in late)
+
+
+def test_prefill_groups_share_the_work_whichever_fetches_first() -> None:
+    # Basic 2P1D: both PE nodes read their own hits; the fetch order rotates, so neither hogs the FIFO.
+    result = simulate("basic", 2, 1, agents(128, context=30_000, turns=3))
+    node0, node1 = result.snic_read_bytes["node-0"], result.snic_read_bytes["node-1"]
+    assert min(node0, node1) / max(node0, node1) > 0.8
