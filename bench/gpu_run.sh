@@ -22,6 +22,7 @@ export PYTHONPATH="/tmp/site:$PWD/engine_image:$PWD"
 } >"$OUT/machine.txt" 2>&1
 timeout "${BENCH_TIMEOUT_S:-560}" python3 -m bench.engine --out "$OUT" "$@" >"$OUT/log.txt" 2>&1
 status=$?
-tar -czf "$OUT/engine-logs.tar.gz" -C /dev/shm --wildcards 'bench-engine-*/*/*.log' 2>/dev/null
+out_abs=$(cd "$OUT" && pwd)
+(cd /dev/shm && tar -czf "$out_abs/engine-logs.tar.gz" bench-engine-*/*/*.log) 2>/dev/null
 tail -c 9000 "$OUT/summary.md" 2>/dev/null || tail -n 60 "$OUT/log.txt"
 exit $status
