@@ -14,8 +14,10 @@ Test and demo infrastructure, not product. kwok plays kubelet for fake nodes but
 - rewrites container mount paths (longest match) to those directories in args, env values and the
   string values of every YAML/JSON file of a ConfigMap volume, and Service DNS URLs
   (``http://<svc>.<ns>.svc:<port>``) to ``http://<ready backing pod IP>:<target port>`` (locally there
-  is no DNS, no kube-proxy and Services have no endpoints); a pod waits until every Service it names
-  has a ready backend, and is restarted when that backend's address changes;
+  is no DNS, no kube-proxy and Services have no endpoints); a pod waits until every Service named
+  by its command line, env or the config file its command line points at has a ready backend (a
+  backend the runner runs counts as ready once its probe passed), and is restarted when that
+  backend's address changes (in a real cluster the Service address stays put);
 - for engine pods, turns on NIC emulation with a fake sysfs tree per node (``<work>/nodes/<node>/sys``,
   shared by the engines on that node; :meth:`PodRunner.sysfs_roots` for node_exporter);
 - reflects process state into the pod status (kwok would keep every pod Ready): Ready=False while a
@@ -25,7 +27,8 @@ Test and demo infrastructure, not product. kwok plays kubelet for fake nodes but
   terminating or replaced (new UID); :meth:`PodRunner.stop_all` stops everything it started.
 
 Logs: ``<pod dir>/<container>.log`` per process and ``<work>/runner.log`` for the runner's decisions.
-Used by ``tests/cluster/test_runner.py``, the e2e suite and the demo.
+Not supported (reported in :meth:`PodRunner.waiting`, never half-run): init containers, containers
+without ``command``, exec probes, projected/downwardAPI volumes. Used by ``tests/cluster/test_runner.py``, the e2e suite and the demo.
 """
 
 from __future__ import annotations
