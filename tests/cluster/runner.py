@@ -28,7 +28,8 @@ Test and demo infrastructure, not product. kwok plays kubelet for fake nodes but
 
 Logs: ``<pod dir>/<container>.log`` per process and ``<work>/runner.log`` for the runner's decisions.
 Not supported (reported in :meth:`PodRunner.waiting`, never half-run): init containers, containers
-without ``command``, exec probes, projected/downwardAPI volumes. Used by ``tests/cluster/test_runner.py``, the e2e suite and the demo.
+without ``command``, exec probes, projected/downwardAPI volumes.
+Used by ``tests/cluster/test_runner.py``, the e2e suite and the demo.
 """
 
 from __future__ import annotations
