@@ -48,9 +48,9 @@ def _rss_mib(pid: int) -> float:
 def _metric(port: int, name: str) -> float:
     text = harness.http_get(f"http://127.0.0.1:{port}/metrics").decode()
     return sum(
-        float(l.rsplit(" ", 1)[1])
-        for l in text.splitlines()
-        if l.startswith(name + " ") or l.startswith(name + "{")
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{"))
     )
 
 
@@ -184,22 +184,32 @@ def _k8s_version() -> str:
 
 def markdown(r: dict[str, Any]) -> str:
     one, many = r["one_cluster"], r["many_clusters"]
+    steady_one, steady_many = r["one_cluster_steady"], r["many_clusters_steady"]
+    command = f"python -m bench.operator_scale --nodes {r['nodes']} --clusters {r['clusters']}"
+    header = f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()} ({os.cpu_count()} cores)"
+    rows = [
+        (f"1 cluster, {r['nodes']} nodes", one, "<= 30 s"),
+        (f"{r['clusters']} clusters at once", many, ""),
+    ]
     lines = [
         "## Operator at scale (local control plane)",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()} ({os.cpu_count()} cores), Kubernetes "
-        f"{_k8s_version()}; command: `python -m bench.operator_scale --nodes {r['nodes']} --clusters {r['clusters']}`.",
+        f"{header}, Kubernetes {_k8s_version()}; command: `{command}`.",
         "",
         "| scenario | engine pods | apply -> all Running | apply -> Ready | goal |",
         "|---|---|---|---|---|",
-        f"| 1 cluster, {r['nodes']} nodes | {one['engine_pods']:.0f} | {one['running_s']:.1f} s | {one['ready_s']:.1f} s | <= 30 s |",
-        f"| {r['clusters']} clusters at once | {many['engine_pods']:.0f} | {many['running_s']:.1f} s | {many['ready_s']:.1f} s | |",
+    ]
+    for label, res, goal in rows:
+        pods, running, ready = res["engine_pods"], res["running_s"], res["ready_s"]
+        lines.append(f"| {label} | {pods:.0f} | {running:.1f} s | {ready:.1f} s | {goal} |")
+    lines += [
         "",
-        f"Steady state: {r['one_cluster_steady']['requests_per_pass']:.1f} API requests per reconcile pass "
-        f"(1 cluster of {one['engine_pods']:.0f} groups: the reads of gather plus one server-side apply per "
-        f"static child, which the API server answers without a write), {r['many_clusters_steady']['requests_per_pass']:.1f} per pass with {r['clusters']} clusters; "
-        f"operator RSS {r['one_cluster_steady']['operator_rss_mib']:.0f} MiB (1 cluster) and "
-        f"{r['many_clusters_steady']['operator_rss_mib']:.0f} MiB ({r['clusters']} clusters).",
+        f"Steady state: {steady_one['requests_per_pass']:.1f} API requests per reconcile pass with one "
+        f"cluster of {one['engine_pods']:.0f} engine groups (the reads of gather plus one server-side apply "
+        "per static child, which the API server answers without a write), "
+        f"{steady_many['requests_per_pass']:.1f} per pass with {r['clusters']} clusters; operator RSS "
+        f"{steady_one['operator_rss_mib']:.0f} MiB (1 cluster) and "
+        f"{steady_many['operator_rss_mib']:.0f} MiB ({r['clusters']} clusters).",
     ]
     return "\n".join(lines) + "\n"
 
