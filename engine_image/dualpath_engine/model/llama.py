@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from dualpath_engine import tokenizer
+
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -206,8 +208,15 @@ class Decoder(nn.Module):
         return block.forward(hidden, segments, cached_kv)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [rows, vocab] for final hidden rows."""
-        return typing.cast(torch.Tensor, self.lm_head(self.norm(hidden))).float()
+        """Float32 logits [rows, vocab] for final hidden rows.
+
+        Ids the tokenizer cannot decode (a vocabulary padded beyond ``tokenizer.VOCAB_SIZE``) get -inf,
+        so neither greedy nor sampled decoding can ever emit them.
+        """
+        out = typing.cast(torch.Tensor, self.lm_head(self.norm(hidden))).float()
+        if out.shape[-1] > tokenizer.VOCAB_SIZE:
+            out[..., tokenizer.VOCAB_SIZE :] = float("-inf")
+        return out
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import secrets
 from collections.abc import Callable, Sequence
 
 from dualpath_engine import config as config_mod
@@ -60,6 +61,7 @@ class SchedulerState:
         self.index: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._kv_bytes_per_token = cfg.model.kv_bytes_per_token
         self._ids = itertools.count()
+        self._instance = secrets.token_hex(3)
 
     # --- clients ---------------------------------------------------------------------------------
 
@@ -71,7 +73,9 @@ class SchedulerState:
             raise records.AdmissionError(
                 f"{self.cfg.max_waiting_requests} requests are already waiting for engines"
             )
-        request_id = f"req-{next(self._ids)}"
+        # The instance prefix keeps ids unique across scheduler restarts: engines ignore a task id they
+        # already finished, and a replaced scheduler keeps its Service address.
+        request_id = f"req-{self._instance}-{next(self._ids)}"
         request = records.RequestRecord(request_id, tuple(prompt), sampling, now + self.cfg.request_timeout_s)
         self.requests[request_id] = request
         self._new_attempt(request, front=False)

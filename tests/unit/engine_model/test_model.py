@@ -193,3 +193,14 @@ def test_seeded_sampling_is_reproducible_and_matches_recompute_through_the_runne
     assert _sampled_reference(runner.model, prompt, 6, narrow) == llama.greedy_reference(
         runner.model, prompt, 6
     )
+
+
+def test_ids_the_tokenizer_cannot_decode_are_never_emitted() -> None:
+    model = loader.build(config.ModelConfig(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=2,
+                                            head_dim=16, vocab_size=tok.VOCAB_SIZE + 5, seed=3))  # fmt: skip
+    with torch.no_grad():
+        model.lm_head.weight[tok.VOCAB_SIZE :] = 50.0  # make the padded ids the most likely by far
+    logits = model.logits(torch.randn(4, 32))
+    assert int(torch.argmax(logits, dim=-1).max()) < tok.VOCAB_SIZE
+    sampled = torch_runner.choose(logits[0], runner_api.Sampling(temperature=1.0, top_p=1.0, seed=1), 0)
+    assert sampled < tok.VOCAB_SIZE

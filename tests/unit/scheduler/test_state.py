@@ -334,3 +334,12 @@ def test_split_reads_flag_divides_hit_blocks_between_both_sides() -> None:
     task = h.fetch("de", "decode", "nd", 1).assignments[0]
     sides = [b.side for b in task.hit_blocks]
     assert sides == ["pe"] * 4 + ["de"] * 4  # equal queues and capacities: half each, PE first
+
+
+def test_request_ids_of_a_restarted_scheduler_never_repeat_the_old_ones() -> None:
+    # Engines ignore task ids they already finished; a replaced scheduler keeps its Service address.
+    first, restarted = Harness(), Harness()
+    old = {first.s.submit([1, 2, 3], sampling(), now=0.0) for _ in range(3)}
+    new = {restarted.s.submit([1, 2, 3], sampling(), now=0.0) for _ in range(3)}
+    assert len(old) == len(new) == 3
+    assert not old & new
