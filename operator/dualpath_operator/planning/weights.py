@@ -81,13 +81,14 @@ class NodeWeight:
     scheduler_capacity_bps: float
 
     def to_path_weight(self) -> api_status.PathWeight:
-        """The ``status.pathWeights`` entry."""
+        """The ``status.pathWeights`` entry, rounded (3 significant digits for the capacity, 3 decimals
+        for fractions) so that measurement noise does not rewrite the status every interval."""
         return api_status.PathWeight(
             node=self.node,
-            snic_capacity_bps=round(self.snic_capacity_bps),
-            snic_utilization=_unit(self.snic_utilization),
-            cnic_headroom=_unit(self.cnic_headroom),
-            weight=_unit(self.weight),
+            snic_capacity_bps=_significant(self.snic_capacity_bps, 3),
+            snic_utilization=round(_unit(self.snic_utilization), 3),
+            cnic_headroom=round(_unit(self.cnic_headroom), 3),
+            weight=round(_unit(self.weight), 3),
         )
 
 
@@ -247,6 +248,12 @@ def _req(v: float | None) -> float:
 
 def _finite_nonneg(v: float | None) -> bool:
     return v is not None and math.isfinite(v) and v >= 0
+
+
+def _significant(v: float, digits: int) -> int:
+    if v <= 0 or not math.isfinite(v):
+        return 0
+    return int(round(v, -int(math.floor(math.log10(v))) + digits - 1))
 
 
 def _unit(v: float) -> float:

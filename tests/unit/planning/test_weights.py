@@ -141,9 +141,10 @@ def test_status_round_trip_keeps_weights() -> None:
     r = weights.compute(sample_of(samples.node("a"), samples.node("b", snic_gbps=200)), [], NO_SMOOTHING)
     back = weights.from_status(r.path_weights())
     assert [w.node for w in back] == [w.node for w in r.weights]
-    assert [w.weight for w in back] == pytest.approx([w.weight for w in r.weights])
+    # The status keeps 3 decimals / 3 significant digits (noise must not rewrite it every interval).
+    assert [w.weight for w in back] == pytest.approx([w.weight for w in r.weights], abs=5e-4)
     assert [w.scheduler_capacity_bps for w in back] == pytest.approx(
-        [w.scheduler_capacity_bps for w in r.weights], rel=1e-9
+        [w.scheduler_capacity_bps for w in r.weights], rel=5e-3
     )
 
 
