@@ -109,10 +109,19 @@ class DecodeEngine:
         tokens = sum(len(t.assignment.prompt_token_ids) + len(t.generated) for t in self._tasks.values())
         return len(self._tasks), tokens
 
+    def used_kv_bytes(self) -> int:
+        """KV bytes the running requests hold (prompt + generated tokens, all layers)."""
+        _, tokens = self.load()
+        return tokens * self._geometry.bytes_per_token
+
     def free_kv_bytes(self) -> int:
         """KV memory left for new requests (the configured buffer minus what running requests hold)."""
-        _, tokens = self.load()
-        return max(0, self._config.kv.host_buffer_bytes - tokens * self._geometry.bytes_per_token)
+        return max(0, self._config.kv.host_buffer_bytes - self.used_kv_bytes())
+
+    def kv_used_ratio(self) -> float:
+        """Fraction of the KV capacity (``kv.host_buffer_bytes``) in use, 0..1; ``1 - ratio`` is the
+        fraction the leader reports as free (``free_kv_bytes``)."""
+        return min(1.0, self.used_kv_bytes() / self._config.kv.host_buffer_bytes)
 
     def assign(self, assignment: protocol.Assignment) -> None:
         """Take a task (repeats are ignored); start DE-side reads."""
@@ -264,8 +273,21 @@ class DecodeEngine:
             self._spawn(self._release_after_persist(task))
 
     async def _release_after_persist(self, task: _Task) -> None:
+        """Persist what is left of a finished sequence, free it, and report the blocks written after
+        its final event (else the scheduler would never learn of them and a rerun would miss them)."""
+        await self._persist(task)
         async with self._persist_lock:
             self._runner.release(task.task_id)
+        if task.new_hashes:
+            hashes, task.new_hashes = tuple(task.new_hashes), []
+            self._events(
+                protocol.TaskEvent(
+                    task_id=task.task_id,
+                    engine_id=self.engine_id,
+                    first_index=task.reported,
+                    persisted_block_hashes=hashes,
+                )
+            )
 
     def _emit(self, task: _Task, finish: protocol.FinishReason | None) -> None:
         fresh = tuple(task.generated[task.reported :])

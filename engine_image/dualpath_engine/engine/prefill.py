@@ -118,6 +118,11 @@ class PrefillEngine:
         """``(seq, tok)`` for the leader's report: unfinished tasks and their prompt tokens."""
         return len(self._tasks), sum(len(task.prompt) for task in self._tasks.values())
 
+    def kv_used_ratio(self) -> float:
+        """Fraction of the KV capacity (``kv.host_buffer_bytes``) the running prompts' KV takes, 0..1."""
+        _, tokens = self.load()
+        return min(1.0, tokens * self._geometry.bytes_per_token / self._config.kv.host_buffer_bytes)
+
     def assign(self, assignment: protocol.Assignment) -> None:
         """Take a task (repeats of a known or finished task id are ignored)."""
         if assignment.task_id in self._tasks or assignment.task_id in self._finished:

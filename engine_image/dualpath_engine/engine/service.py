@@ -4,8 +4,12 @@ loop, the group leader and the HTTP endpoints (torch-free; the runner is injecte
 Called by ``dualpath_engine.__main__`` (``python -m dualpath_engine engine --config F``), which builds
 the torch runner. HTTP (aiohttp): ``GET /healthz`` (200 once the scheduler has answered a fetch, 503
 before) and ``GET /metrics`` (Prometheus text: NIC bytes, storage, read queue, transport and engine
-counters, all from this process's own registry). The KV transport listens on ``transport.port``.
-When ``network.sysfs_root`` is set the NIC counters are also written as a fake sysfs tree.
+counters, all from this process's own registry). With ``network.emulate`` on, ``GET
+/emulation/v1/nics`` lists the NICs (kind, line rate, budget, byte counters) and ``PUT
+/emulation/v1/nics/{device}`` with ``{"budget_bytes_per_s": float|null}`` changes a NIC's budget at run
+time (a degraded link for demos and e2e tests); with it off both answer 404. The KV transport listens on
+``transport.port``. When ``network.sysfs_root`` is set the NIC counters are also written as a fake sysfs
+tree.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable, Iterator
 
 import aiohttp
 import prometheus_client
+import pydantic
 from aiohttp import web
 from prometheus_client import core
 
@@ -86,7 +91,15 @@ class _Roles:
             steps.add_metric([role], count)
         read.add_metric(["pe"], self.pe.read_bytes_total)
         read.add_metric(["de"], self.de.read_bytes_total)
-        yield from (running, tokens, steps, read)
+        ratio = core.GaugeMetricFamily(
+            "dualpath_engine_kv_cache_used_ratio",
+            "KV bytes of the running requests over the KV capacity (kv.host_buffer_bytes), 0 to 1; "
+            "the decode role's unused part is the free_hbm_bytes the leader reports.",
+            labels=["role"],
+        )
+        ratio.add_metric(["prefill"], self.pe.kv_used_ratio())
+        ratio.add_metric(["decode"], self.de.kv_used_ratio())
+        yield from (running, tokens, steps, read, ratio)
         wait = core.CounterMetricFamily(
             "dualpath_engine_prefill_layer_wait_seconds",
             "Time prefill stalled waiting for DE-read KV layers.",
@@ -212,6 +225,7 @@ async def serve(
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    add_emulation_routes(app, nics, emulate=engine_config.network.emulate)
     http = web.AppRunner(app, access_log=None)
     await http.setup()
     site = web.TCPSite(http, engine_config.host, engine_config.port)
@@ -259,6 +273,80 @@ async def serve(
         await transport.close()
         await store.close()
         await http.cleanup()
+
+
+EMULATION_PATH = "/emulation/v1/nics"
+"""Root of the NIC emulation control API (only served when ``network.emulate`` is true)."""
+
+
+class BudgetChange(pydantic.BaseModel):
+    """Body of ``PUT /emulation/v1/nics/{device}``."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    budget_bytes_per_s: float | None = pydantic.Field(
+        strict=True,
+        gt=0,
+        allow_inf_nan=False,
+        description="New per-direction budget of the NIC's token buckets in bytes/s; null = line rate.",
+    )
+
+
+def nic_view(nic: base.Nic) -> dict[str, object]:
+    """What the emulation API reports for one NIC."""
+    return {
+        "device": nic.device,
+        "kind": nic.kind.value,
+        "line_rate_bytes_per_s": nic.line_rate_bytes_per_s,
+        "budget_bytes_per_s": nic.budget_bytes_per_s,
+        "emulated": nic.emulated,
+        "tx_bytes": nic.counters.tx_bytes,
+        "rx_bytes": nic.counters.rx_bytes,
+        "tx_packets": nic.counters.tx_packets,
+        "rx_packets": nic.counters.rx_packets,
+    }
+
+
+def add_emulation_routes(app: web.Application, nics: base.EngineNics, *, emulate: bool) -> None:
+    """``GET /emulation/v1/nics`` (devices, kind, line rate, budget, byte counters) and
+    ``PUT /emulation/v1/nics/{device}`` with ``{"budget_bytes_per_s": float|null}`` (``Nic.set_budget``).
+
+    With emulation off both answer 404 with a JSON error saying so; bad bodies get 400 naming the field,
+    unknown devices 404 naming the known ones.
+    """
+    by_device = {nic.device: nic for nic in nics.all()}
+    off = {"error": "NIC emulation is off (network.emulate is false): there are no budgets to list or change"}
+
+    async def list_nics(request: web.Request) -> web.Response:
+        if not emulate:
+            return web.json_response(off, status=404)
+        return web.json_response({"nics": [nic_view(nic) for nic in nics.all()]})
+
+    async def set_budget(request: web.Request) -> web.Response:
+        if not emulate:
+            return web.json_response(off, status=404)
+        device = request.match_info["device"]
+        nic = by_device.get(device)
+        if nic is None:
+            known = ", ".join(sorted(by_device))
+            return web.json_response(
+                {"error": f"no NIC {device!r} in this engine (known: {known})"}, status=404
+            )
+        try:
+            change = BudgetChange.model_validate_json(await request.read())
+        except pydantic.ValidationError as exc:
+            problems = [
+                f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+                for error in exc.errors()
+            ]
+            fields = sorted({str(error["loc"][0]) for error in exc.errors() if error["loc"]})
+            return web.json_response({"error": "; ".join(problems), "fields": fields}, status=400)
+        nic.set_budget(change.budget_bytes_per_s)
+        log.warning("NIC %s budget set to %s bytes/s", device, nic.budget_bytes_per_s)
+        return web.json_response(nic_view(nic))
+
+    app.router.add_get(EMULATION_PATH, list_nics)
+    app.router.add_put(EMULATION_PATH + "/{device}", set_budget)
 
 
 def _bound_port(site: web.TCPSite) -> int:

@@ -63,8 +63,8 @@ class PrometheusQueries:
     kv_read: str = "sum by (pod, path) (rate(dualpath_engine_kv_read_bytes_total{$engines}[$window]))"
     transport_info: str = "max by (pod, kind) (dualpath_engine_transport_info{$engines}) == 1"
     transport_rate: str = "max by (pod) (dualpath_engine_transport_rate_bytes_per_second{$engines})"
-    #: Fraction of KV HBM in use by pod; the engines export no HBM series yet, so none by default.
-    hbm_used_ratio: str | None = None
+    #: Fraction of KV memory in use by pod (the engine group's active role; the idle role reports 0).
+    hbm_used_ratio: str | None = "max by (pod) (dualpath_engine_kv_cache_used_ratio{$engines})"
     #: Series with a ``pod`` label are per engine; one without is the cluster's and goes on every engine.
     ttft: str = (
         "histogram_quantile($quantile, sum by (le) "

@@ -9,9 +9,11 @@ resets handled) and histograms become quantiles. Per node it sums the engines' o
 capacity, and the KV reads (``dualpath_engine_kv_read_bytes_total{path}``, path ``pe``/``de`` as the
 engine service exports it, or ``pe_read``/``de_read`` as the traffic manager does) as the KV part of the
 storage-NIC traffic. Engine signals: ``dualpath_engine_running_tokens``/``_running_requests``,
-``dualpath_engine_storage_read_queue_tokens``, ``dualpath_engine_transport_info{kind}`` and
-``dualpath_engine_transport_rate_bytes_per_second``; TTFT/TPOT from the scheduler's
-``dualpath_scheduler_time_to_first_token_seconds`` / ``_time_per_output_token_seconds`` histograms.
+``dualpath_engine_storage_read_queue_tokens``, ``dualpath_engine_transport_info{kind}``,
+``dualpath_engine_transport_rate_bytes_per_second`` and ``dualpath_engine_kv_cache_used_ratio{role}``
+(the largest role's value, since a group's idle role reports 0) as ``hbm_used_ratio``; TTFT/TPOT from
+the scheduler's ``dualpath_scheduler_time_to_first_token_seconds`` /
+``_time_per_output_token_seconds`` histograms.
 
 A rate needs two scrapes: the first sample of a target lists "no earlier scrape" as a problem, and so
 does one whose earlier scrapes are older than two windows. Unreachable or unparsable targets become
@@ -276,6 +278,9 @@ class ScrapeCollector:
             found = latest.select(name)
             if found:
                 builder.set_engine(pod, engine_field, sum(v for _, v in found))
+        ratios = [value for _, value in latest.select("dualpath_engine_kv_cache_used_ratio")]
+        if ratios:
+            builder.set_engine(pod, "hbm_used_ratio", max(ratios))
         for labels, value in latest.select("dualpath_engine_transport_info"):
             if value == 1:
                 builder.set_transport(pod, labels.get("kind", "unknown"))
