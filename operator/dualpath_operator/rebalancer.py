@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from dualpath_operator import scheduler_admin
 from dualpath_operator.api.v1alpha1 import cluster as api
-from dualpath_operator.api.v1alpha1 import common
+from dualpath_operator.api.v1alpha1 import common, rebalancing
 from dualpath_operator.api.v1alpha1 import spec as specs
 from dualpath_operator.k8s import apply
 from dualpath_operator.k8s import client as k8s_client
@@ -175,10 +175,18 @@ class Rebalancer:
         return await rt.collector.collect(targets, window_s=factory.window_s(spec), nodes=nodes, now=now)
 
 
-def needs_groups(spec: api.DualPathClusterSpec, observed: obs.Observed, tick: bool) -> bool:
-    """Ask the scheduler only when its view matters: drains in flight, Auto mode, or a tick."""
+def needs_groups(
+    spec: api.DualPathClusterSpec, observed: obs.Observed, tick: bool, want: dict[str, int] | None = None
+) -> bool:
+    """Ask the scheduler only when its view matters: drains in flight, Auto mode, a tick, or (RoleSwitch)
+    pod counts per role that differ from ``want``, so that a group can switch role in place."""
     draining = any(p.draining_since is not None for p in observed.pods)
-    return draining or tick or spec.ratio.mode is specs.RatioMode.AUTO
+    if draining or tick or spec.ratio.mode is specs.RatioMode.AUTO:
+        return True
+    if want is None or spec.rebalance.mode is not rebalancing.RebalanceMode.ROLE_SWITCH:
+        return False
+    live = [p for p in observed.pods if not p.terminating]
+    return any(sum(1 for p in live if p.role == role) != n for role, n in want.items())
 
 
 def with_groups(observed: obs.Observed, groups: tuple[obs.ObservedGroup, ...] | None) -> obs.Observed:

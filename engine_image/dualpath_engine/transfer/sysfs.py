@@ -64,6 +64,15 @@ def writer_id(name: str) -> str:
     return f"{safe}-{os.getpid()}-{time.time_ns()}"
 
 
+def link_rate(nic: base.Nic) -> float:
+    """The rate the port file reports: the emulated budget when it is below the line rate (a degraded
+    link, e.g. renegotiated at a lower speed), else the line rate."""
+    budget = nic.budget_bytes_per_s
+    if budget is not None and budget < nic.line_rate_bytes_per_s:
+        return budget
+    return nic.line_rate_bytes_per_s
+
+
 def rate_text(line_rate_bytes_per_s: float) -> str:
     """The ``ports/1/rate`` text for a line rate, e.g. ``200 Gb/sec (4X HDR)`` for 25e9 bytes/s."""
     gbps = line_rate_bytes_per_s * 8 / 1e9
@@ -91,6 +100,7 @@ class SysfsWriter:
         self._state = self.root / ".dualpath"
         self._tmp = self._state / "tmp"
         self._initialised: set[str] = set()
+        self._rates: dict[str, float] = {}
 
     def device_dir(self, device: str) -> Path:
         """``<root>/class/infiniband/<device>``."""
@@ -103,6 +113,12 @@ class SysfsWriter:
             if nic.device not in self._initialised:
                 self._write_static(nic)
                 self._initialised.add(nic.device)
+            rate = link_rate(nic)
+            if self._rates.get(nic.device) != rate:
+                # An emulated NIC whose budget was lowered looks like a link running at a lower speed.
+                port = self.device_dir(nic.device) / "ports" / str(PORT)
+                self._replace(port / "rate", rate_text(rate))
+                self._rates[nic.device] = rate
             shards = self._state / "nic-shards" / nic.device
             shards.mkdir(parents=True, exist_ok=True)
             counters = nic.counters
@@ -132,7 +148,7 @@ class SysfsWriter:
         self._replace(device / "hca_type", HCA_TYPE)
         self._replace(port / "state", "4: ACTIVE")
         self._replace(port / "phys_state", "5: LinkUp")
-        self._replace(port / "rate", rate_text(nic.line_rate_bytes_per_s))
+        self._replace(port / "rate", rate_text(link_rate(nic)))
         self._replace(port / "link_layer", "InfiniBand")
         for name in ZERO_COUNTERS:
             self._replace(port / "counters" / name, "0")

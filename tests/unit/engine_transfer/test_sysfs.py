@@ -204,3 +204,17 @@ async def test_real_node_exporter_reports_the_bytes_we_moved(exporter: tuple[Pat
     samples = await asyncio.to_thread(scrape, url)
     assert samples[rx] == received + 4096
     assert samples['node_scrape_collector_success{collector="infiniband"}'] == 1
+
+
+def test_a_lowered_emulated_budget_shows_as_a_slower_link(tmp_path: Path) -> None:
+    nic = base.Nic("mlx5_storage0", base.NicKind.STORAGE, 50e9, emulate=True, metrics=base.NicMetrics())
+    writer = sysfs.SysfsWriter(tmp_path, [nic], writer="t")
+    rate_file = tmp_path / "class" / "infiniband" / "mlx5_storage0" / "ports" / "1" / "rate"
+    writer.flush()
+    assert rate_file.read_text().startswith("400 Gb/sec")
+    nic.set_budget(25e9)  # degraded to 50 %
+    writer.flush()
+    assert rate_file.read_text().startswith("200 Gb/sec")
+    nic.set_budget(None)
+    writer.flush()
+    assert rate_file.read_text().startswith("400 Gb/sec")
