@@ -156,3 +156,16 @@ def test_prefill_groups_share_the_work_whichever_fetches_first() -> None:
     result = simulate("basic", 2, 1, agents(128, context=30_000, turns=3))
     node0, node1 = result.snic_read_bytes["node-0"], result.snic_read_bytes["node-1"]
     assert min(node0, node1) / max(node0, node1) > 0.8
+
+
+def test_split_reads_divide_requests_between_both_sides() -> None:
+    population = agents(48, context=30_000)
+    cfg = config.SimConfig(split_reads=True, cluster=config.Cluster(prefill_nodes=1, decode_nodes=1))
+    sim = cluster.Simulation(cfg, population)
+    assert sim.run().completed
+    split = [r for r in sim.finished if r.pe_hit_tokens and r.de_hit_tokens]
+    assert len(split) > len(sim.finished) // 2
+    # Without the extension every request is read on one side only (the paper's rule).
+    whole = cluster.Simulation(config.SimConfig(cluster=cfg.cluster), population)
+    whole.run()
+    assert all(not (r.pe_hit_tokens and r.de_hit_tokens) for r in whole.finished)
