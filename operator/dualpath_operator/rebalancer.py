@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from dualpath_operator import scheduler_admin
 from dualpath_operator.api.v1alpha1 import cluster as api
-from dualpath_operator.api.v1alpha1 import common, rebalancing
+from dualpath_operator.api.v1alpha1 import common
+from dualpath_operator.api.v1alpha1 import rebalancing as rebalancing_api
 from dualpath_operator.api.v1alpha1 import spec as specs
 from dualpath_operator.k8s import apply
 from dualpath_operator.k8s import client as k8s_client
@@ -176,14 +177,19 @@ class Rebalancer:
 
 
 def needs_groups(
-    spec: api.DualPathClusterSpec, observed: obs.Observed, tick: bool, want: dict[str, int] | None = None
+    spec: api.DualPathClusterSpec,
+    observed: obs.Observed,
+    tick: bool,
+    want: dict[str, int] | None = None,
+    rebalancing: bool = False,
 ) -> bool:
-    """Ask the scheduler only when its view matters: drains in flight, Auto mode, a tick, or (RoleSwitch)
-    pod counts per role that differ from ``want``, so that a group can switch role in place."""
+    """Ask the scheduler only when its view matters: drains in flight, a ratio change in flight
+    (``rebalancing``), Auto mode, a tick, or (RoleSwitch) pod counts per role that differ from
+    ``want``, so that a group can switch role in place."""
     draining = any(p.draining_since is not None for p in observed.pods)
-    if draining or tick or spec.ratio.mode is specs.RatioMode.AUTO:
+    if draining or rebalancing or tick or spec.ratio.mode is specs.RatioMode.AUTO:
         return True
-    if want is None or spec.rebalance.mode is not rebalancing.RebalanceMode.ROLE_SWITCH:
+    if want is None or spec.rebalance.mode is not rebalancing_api.RebalanceMode.ROLE_SWITCH:
         return False
     live = [p for p in observed.pods if not p.terminating]
     return any(sum(1 for p in live if p.role == role) != n for role, n in want.items())

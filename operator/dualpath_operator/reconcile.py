@@ -136,7 +136,10 @@ class Reconciler:
         rt = self.rebalancer.runtime(key)
         mono = self.monotonic()
         tick = rebalancer_mod.tick_due(rt, spec, mono) and bool(observed.pods)
-        if rebalancer_mod.needs_groups(spec, observed, tick, planner.desired_counts(spec, previous)):
+        in_flight = cond.is_true(previous.conditions or [], cond.ConditionType.REBALANCING)
+        if rebalancer_mod.needs_groups(
+            spec, observed, tick, planner.desired_counts(spec, previous), in_flight
+        ):
             observed = rebalancer_mod.with_groups(observed, await self.rebalancer.groups(key, spec, observed))
         sample = await self.rebalancer.sample(key, spec, observed, now) if tick else None
         view = planner.View(

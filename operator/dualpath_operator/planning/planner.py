@@ -133,7 +133,11 @@ def plan(view: View) -> plans.Plan:
     deletes = tuple(plans.PodDelete(name=n, reason=why) for n, why in ep.delete)
     new_status, events = status.compute(view, want, ep, tick)
     requeue: float | None = None
-    if ep.busy or not status.converged(view.observed, want, view.observed.scheduler):
+    if (
+        ep.busy
+        or status.switching_pods(view, ep)
+        or not status.converged(view.observed, want, view.observed.scheduler)
+    ):
         requeue = PROGRESS_REQUEUE_S
     secrets: tuple[dict[str, Any], ...] = ()
     if not view.observed.admin_secret_exists:

@@ -157,7 +157,7 @@ def _telemetry(put: Setter, view: View, conds: list[cond.Condition], tick: rebal
         put(C.TELEMETRY_AVAILABLE, S.UNKNOWN, R.PENDING, "no telemetry sample taken yet")
 
 
-def _switching(view: View, ep: engines.EnginePlan) -> list[str]:
+def switching_pods(view: View, ep: engines.EnginePlan) -> list[str]:
     """Pods whose role label and scheduler role disagree (a switch in flight), plus switches planned now."""
     out = [n for n, _ in ep.switch]
     for p in view.observed.pods:
@@ -170,11 +170,9 @@ def _switching(view: View, ep: engines.EnginePlan) -> list[str]:
 def _rebalancing(
     put: Setter, view: View, f: _Facts, ep: engines.EnginePlan, tick: rebalance.Tick | None
 ) -> None:
+    """True while a ratio change is in flight in either mode (a Fixed count edit moves groups too)."""
     spec = view.spec
-    if spec.ratio.mode is specs.RatioMode.FIXED:
-        put(C.REBALANCING, S.FALSE, R.DISABLED, "spec.ratio.mode is Fixed: the ratio is not rebalanced")
-        return
-    switching = _switching(view, ep)
+    switching = switching_pods(view, ep)
     moving = any(f.have[r] != f.want[r] for r in engines.ROLES)
     if switching:
         put(C.REBALANCING, S.TRUE, R.SWITCHING_ROLE, f"switching role in place: {', '.join(switching)}")
@@ -182,12 +180,18 @@ def _rebalancing(
         put(C.REBALANCING, S.TRUE, R.DRAINING, f"draining before moving to {f.desired}")
     elif moving:
         put(C.REBALANCING, S.TRUE, R.RECREATING, f"moving to {f.desired}")
+    elif spec.ratio.mode is specs.RatioMode.FIXED:
+        put(C.REBALANCING, S.FALSE, R.DISABLED, "spec.ratio.mode is Fixed: the ratio is not rebalanced")
     elif tick is not None and tick.outcome is not None and tick.outcome.decision.action == "HoldCooldown":
         put(C.REBALANCING, S.FALSE, R.COOLING_DOWN, tick.outcome.decision.reason)
     elif tick is not None and tick.outcome is not None:
         put(C.REBALANCING, S.FALSE, R.STABLE, f"{f.desired}: {tick.outcome.decision.reason}")
     elif cond.find_condition(view.previous.conditions or [], C.REBALANCING) is None:
         put(C.REBALANCING, S.UNKNOWN, R.PENDING, "the rebalancer has not evaluated this cluster yet")
+    else:
+        before = cond.find_condition(view.previous.conditions or [], C.REBALANCING)
+        if before is not None and before.status is S.TRUE:
+            put(C.REBALANCING, S.FALSE, R.STABLE, f"{f.desired} reached")
 
 
 def _rdma(
