@@ -184,8 +184,13 @@ def pressure(
     if slo is not None:
         ttft = _mean([e.ttft_p90_s for e in pes])
         tpot = _mean([e.tpot_p90_s for e in des])
-        p_parts["ttft"] = ttft / (slo.ttft_ms / 1000)
         d_parts["tpot"] = tpot / (slo.tpot_ms / 1000)
+        if hbm >= params.hbm_high:
+            # TTFT counts from arrival and a request is bound only once a decode engine has memory for it:
+            # with decode memory full, a long TTFT is decode pressure, not a lack of prefill groups.
+            inputs["ttftDiscounted"] = "decode KV memory is full: TTFT includes waiting for decode memory"
+        else:
+            p_parts["ttft"] = ttft / (slo.ttft_ms / 1000)
         inputs |= {
             "ttftP90Ms": f"{ttft * 1000:.1f}",
             "ttftSloMs": str(slo.ttft_ms),

@@ -260,3 +260,14 @@ def test_last_change_from_status_only_counts_changes() -> None:
     assert ratio.last_change_from_status(moved.decision) == T0
     assert ratio.last_change_from_status(held.decision) is None
     assert ratio.last_change_from_status(None) is None
+
+
+def test_a_long_ttft_with_decode_memory_full_is_not_read_as_prefill_pressure() -> None:
+    # Requests bind only once a decode engine has memory: with decode KV memory full, TTFT grows because
+    # of decode, and adding prefill groups would make it worse (found with the simulator, bench/sim).
+    seq = run({"windows": 1}, (3, 3), 1, ttft_s=3.0, hbm=0.99)
+    outcome, _ = seq[0]
+    assert outcome.decision.action == "ShiftToDecode"
+    assert outcome.decision.inputs is not None and "ttftDiscounted" in outcome.decision.inputs
+    plain = run({"windows": 1}, (3, 3), 1, ttft_s=3.0, hbm=0.5)
+    assert plain[0][0].decision.action == "ShiftToPrefill"
