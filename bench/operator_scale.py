@@ -32,6 +32,7 @@ from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
 from lightkube.resources.core_v1 import Namespace, Pod
 
+from bench import report
 from tests.cluster import harness, nodes, processes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,9 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--clusters", type=int, default=10)
     parser.add_argument("--markdown", action="store_true", help="print a docs/benchmarks.md section")
+    parser.add_argument("--write-docs", action="store_true", help="write the section into docs/benchmarks.md")
     args = parser.parse_args(argv)
     r = run(args.nodes, args.clusters)
-    print(markdown(r) if args.markdown else json.dumps(r, indent=2))
+    print(markdown(r) if args.markdown or args.write_docs else json.dumps(r, indent=2))
+    if args.write_docs:
+        report.write_sections(REPO / "docs" / "benchmarks.md", {"operator-scale": markdown(r)})
     return 0
 
 
