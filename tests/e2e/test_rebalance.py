@@ -118,9 +118,15 @@ def test_a_prometheus_outage_causes_no_action_and_recovers(
     try:
         cond = stack.wait_condition(weighted, "TelemetryAvailable", "False", timeout_s=2 * INTERVAL_S + 15)
         assert cond["reason"] == "TelemetryUnreachable", cond
-        during = stack.get(weighted)["status"]
-        assert during["desiredRatio"] == held["desiredRatio"]
-        assert e2e.weights_of(during) == e2e.weights_of(held) or e2e.weights_of(during)  # held, not cleared
+        frozen = e2e.weights_of(stack.get(weighted)["status"])
+        assert frozen, "weights were cleared instead of held"
+        # Two more intervals without telemetry: nothing moves (weights held, ratio unchanged).
+        deadline = time.monotonic() + 2 * INTERVAL_S
+        while time.monotonic() < deadline:
+            during = stack.get(weighted)["status"]
+            assert e2e.weights_of(during) == frozen
+            assert during["desiredRatio"] == held["desiredRatio"]
+            time.sleep(1)
     finally:
         stack.start_prometheus()
     stack.wait_condition(weighted, "TelemetryAvailable", "True", timeout_s=60)
