@@ -198,9 +198,8 @@ def test_ten_in_place_role_switches_under_traffic_fail_no_request_and_restart_no
                 stack.apply(body)
                 e2e.wait_ready(stack, "switch", f"{p}P:{d}D", timeout_s=120)
                 stack.wait_condition("switch", "Rebalancing", "False", timeout_s=120)
-            harness.wait_for(
-                "traffic after the last switch", lambda: traffic.ok >= traffic.ok + 0 and traffic.ok >= 6, 120
-            )
+            served = traffic.ok
+            harness.wait_for("traffic after the last switch", lambda: traffic.ok >= served + 3, 120)
         assert traffic.failures == [], traffic.failures[:5]
         assert traffic.mismatches == [], traffic.mismatches[:5]
         now = {p.pod: p.pid for p in stack.pods("switch") if p.component == "engine"}
