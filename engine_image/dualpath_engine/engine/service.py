@@ -32,7 +32,7 @@ from dualpath_engine.engine import decode, leader, links, messages, prefill, pro
 from dualpath_engine.engine import runner as runner_api
 from dualpath_engine.kv import layout, readqueue, storage
 from dualpath_engine.scheduler import protocol
-from dualpath_engine.transfer import base, sysfs, tcp
+from dualpath_engine.transfer import base, factory, sysfs
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ async def serve(
     """Run the engine group until ``stop`` is set or SIGTERM/SIGINT arrives.
 
     ``make_transport`` builds the KV transport (device backends such as ``transfer.cuda`` are built by
-    the entry point, since this module stays torch-free); None = TCP from the configuration.
+    the entry point, since this module stays torch-free); None = ``transfer.factory`` from the
+    configuration (``tcp``, or the ``rdma`` plugin named by ``transport.rdma_backend``).
     """
     stop = stop or asyncio.Event()
     registry = prometheus_client.CollectorRegistry()
@@ -147,17 +148,11 @@ async def serve(
     transport_metrics = base.TransportMetrics(kind, registry)
     if make_transport is not None:
         transport = make_transport(nics.compute, transport_metrics)
-    elif kind == "tcp":
-        transport = tcp.TcpTransport(
-            nics.compute,
-            host=engine_config.host,
-            port=engine_config.transport.port,
-            checksum=engine_config.transport.checksum,
-            connect_timeout_s=engine_config.transport.connect_timeout_s,
-            metrics=transport_metrics,
-        )
     else:
-        raise config.ConfigError(f"transport kind {kind!r} needs a transport built by the entry point")
+        try:
+            transport = factory.build_transport(engine_config, nics.compute, transport_metrics)
+        except factory.TransportConfigError as exc:
+            raise config.ConfigError(str(exc)) from exc
     peer_links = links.TransportLinks(transport)
     address = await transport.start(peer_links)
     endpoint = protocol.TransportEndpoint(kind=kind, host=address.host, port=address.port)
