@@ -65,6 +65,7 @@ class TokenBucket:
     ) -> None:
         self._clock = clock
         self._rate = self._checked(rate_bytes_per_s)
+        self._fixed_burst = burst_bytes is not None
         self._burst = burst_bytes if burst_bytes is not None else self.default_burst(self._rate)
         if self._burst <= 0:
             raise ValueError(f"burst must be positive, got {self._burst}")
@@ -88,9 +89,16 @@ class TokenBucket:
         return self._rate
 
     def set_rate(self, rate_bytes_per_s: float) -> None:
-        """Change the budget (e.g. a degraded NIC); tokens earned so far are kept."""
+        """Change the budget (e.g. a degraded NIC); tokens earned so far are kept, up to the new burst.
+
+        A default burst (5 ms of traffic) follows the rate; otherwise a NIC lowered from 25 GB/s would
+        keep a 125 MB burst and small transfers would never feel the lower budget.
+        """
         self._refill()
         self._rate = self._checked(rate_bytes_per_s)
+        if not self._fixed_burst:
+            self._burst = self.default_burst(self._rate)
+            self._level = min(self._level, self._burst)
 
     def _refill(self) -> None:
         now = self._clock()

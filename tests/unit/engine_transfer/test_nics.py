@@ -110,3 +110,12 @@ def test_emulated_nic_uses_configured_budget() -> None:
     nics = base.build_engine_nics(config.EngineConfig(role="decode", network=network), base.NicMetrics())
     assert nics.storage.budget_bytes_per_s == 1e9
     assert nics.compute.budget_bytes_per_s == nics.compute.line_rate_bytes_per_s == 50e9
+
+
+def test_lowering_the_rate_shrinks_a_default_burst_so_small_transfers_feel_it() -> None:
+    now = [0.0]
+    bucket = base.TokenBucket(25e9, clock=lambda: now[0])
+    bucket.set_rate(1e6)
+    # One megabyte right after the change must wait about a second, not pass on an old 125 MB burst.
+    wait = bucket.reserve(1_000_000)
+    assert 0.9 <= wait <= 1.0
