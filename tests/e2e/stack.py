@@ -527,6 +527,25 @@ class LocalStack:
             condition(self.wait_status(name, holds, f"{name} {kind}={status}", timeout_s), kind),
         )
 
+    def wait_serving(self, name: str, timeout_s: float = 300) -> str:
+        """Wait until ``name`` is Ready and every engine group the status counts runs as a ready process
+        here (kwok marks pods Ready before their processes are up); returns the scheduler URL."""
+        url: list[str] = []
+
+        def serving(st: dict[str, Any]) -> bool:
+            cond = condition(st, "Ready")
+            groups = sum(int((st.get(role) or {}).get("replicas", 0)) for role in ("prefill", "decode"))
+            if cond is None or cond.get("status") != "True" or groups == 0:
+                return False
+            sched = self.scheduler_url(name)
+            if sched is None or len(self.engine_urls(name)) != groups:
+                return False
+            url[:] = [sched]
+            return True
+
+        self.wait_status(name, serving, f"{name} Ready with every engine process serving", timeout_s)
+        return url[0]
+
     def _raise_on_dead(self) -> None:
         if self.operator is not None and not self.operator.alive():
             raise harness.ClusterError(f"operator exited:\n{self.operator.log_tail(60)}")
