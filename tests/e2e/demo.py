@@ -79,14 +79,14 @@ def phases(seed: int = 0) -> list[Phase]:
         Phase("agentic (Table 2 64K, scaled)", 0.0, tuple(agentic), 6),
         Phase(
             "prefill-heavy (long appends, 4 tokens out)",
-            0.5,
+            0.45,
             tuple(_reshape(long_appends, append=None, generate=4)),
             10,
         ),
         Phase(
-            "decode-heavy (short appends, 96 tokens out)",
-            0.75,
-            tuple(_reshape(short, append=8, generate=96)),
+            "decode-heavy (short appends, 64 tokens out)",
+            0.7,
+            tuple(_reshape(short, append=8, generate=64)),
             16,
         ),
     ]
@@ -237,11 +237,14 @@ class View:
         """One screen: header, per-node table, path shares, decision, events, notes."""
         self.elapsed = elapsed
         try:
-            status = self.local.get(self.name).get("status") or {}
+            obj = self.local.get(self.name)
             events = self.local.events(self.name)
+            roles = {p.node: p.role for p in self.local.pods(self.name) if p.component == "engine"}
         except Exception as exc:  # the API server may hiccup; show it and go on
-            status, events = {}, []
+            obj, events, roles = {}, [], {}
             self.note(f"status read failed: {exc}")
+        status = obj.get("status") or {}
+        slo = ((obj.get("spec") or {}).get("rebalance") or {}).get("slo") or {}
         ratio, desired = str(status.get("ratio", "-")), str(status.get("desiredRatio", "-"))
         if not self.ratios or self.ratios[-1][1:] != (ratio, desired):
             self.ratios.append((elapsed, ratio, desired))
@@ -255,9 +258,7 @@ class View:
         kv = self._by("kv", "node", "path")
         ttft, tpot = self._by("ttft"), self._by("tpot")
         requests = self._by("requests", "result")
-        slo = (self.local.get(self.name)["spec"].get("rebalance") or {}).get("slo") or {}
         conds = {c["type"]: c for c in status.get("conditions") or []}
-        roles = {p.node: p.role for p in self.local.pods(self.name) if p.component == "engine"}
         weights = {w["node"]: w for w in status.get("pathWeights") or []}
         for node, w in weights.items():
             self.weights.setdefault(node, []).append(float(w["weight"]))
@@ -367,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
         workload = Workload(url, phases(), start, args.duration)
         workload.current = workload.phases[0].name
         workload.run_in_thread()
-        degraded_at = start + 0.3 * args.duration
+        degraded_at = start + 0.25 * args.duration
         degraded = False
         last_snapshot = 0.0
         while time.monotonic() - start < args.duration:
