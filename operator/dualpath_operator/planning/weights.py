@@ -253,7 +253,8 @@ def _finite_nonneg(v: float | None) -> bool:
 def _significant(v: float, digits: int) -> int:
     if v <= 0 or not math.isfinite(v):
         return 0
-    return int(round(v, -int(math.floor(math.log10(v))) + digits - 1))
+    scale = 10.0 ** (math.floor(math.log10(v)) - digits + 1)
+    return int(round(v / scale) * scale)
 
 
 def _unit(v: float) -> float:
