@@ -17,7 +17,7 @@ NODES ?= 4
 PROFILE ?= h200
 
 .PHONY: help setup venv tools fmt lint typecheck imports test test-unit test-integration test-e2e test-gpu \
-        crds verify chart-lint cluster-up cluster-down demo bench bench-operator e2e-kind lock clean
+        crds verify chart-lint cluster-up cluster-down demo nodes-demo bench bench-operator e2e-kind lock clean
 
 help:  ## List targets
 	@awk -F':.*## ' '/^[a-zA-Z0-9_-]+:.*## /{printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -87,7 +87,11 @@ cluster-up: setup  ## Start the local control plane with NODES fake PROFILE node
 cluster-down:  ## Stop the local control plane started by cluster-up (by PID)
 	$(PY) -m tests.cluster down
 
-demo: setup  ## Bring the local cluster up, show the fake GPU/RDMA nodes, tear down
+DURATION ?= 240
+demo: setup  ## The whole system live: local cluster, chart, operator, engines, workload, rebalancing (DURATION=s)
+	$(PY) -m tests.e2e.demo --duration $(DURATION) --nodes $(NODES)
+
+nodes-demo: setup  ## Only the local control plane and its fake GPU/RDMA nodes, printed, then torn down
 	$(PY) -m tests.cluster demo --nodes $(NODES) --profile $(PROFILE)
 
 bench: venv  ## CPU benchmarks and the simulator (results go to docs/benchmarks.md)
