@@ -120,6 +120,22 @@ def _pod_security_context() -> dict[str, Any]:
     }
 
 
+def _health_probes() -> dict[str, Any]:
+    """Readiness (every 2 s) and liveness (every 10 s, 6 misses) on the process's ``/healthz``."""
+    return {
+        "readinessProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+    }
+
+
 def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
@@ -159,16 +175,7 @@ def scheduler_pod_template(
         "args": ["--config", f"{engine_config.CONFIG_DIR}/{engine_config.SCHEDULER_FILE}"],
         "env": env,
         "ports": [{"name": "http", "containerPort": s.port, "protocol": "TCP"}],
-        "readinessProbe": {
-            "httpGet": {"path": "/healthz", "port": "http"},
-            "periodSeconds": 2,
-            "failureThreshold": 3,
-        },
-        "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "http"},
-            "periodSeconds": 10,
-            "failureThreshold": 6,
-        },
+        **_health_probes(),
         "securityContext": _security_context(add_ipc_lock=False),
         "volumeMounts": [
             {"name": "config", "mountPath": engine_config.CONFIG_DIR, "readOnly": True},
@@ -315,16 +322,7 @@ def engine_pod_spec(
             {"name": "kv", "containerPort": port + engine_config.KV_TRANSPORT_PORT_OFFSET, "protocol": "TCP"},
         ],
         "resources": _guaranteed(user_res, device_limits),
-        "readinessProbe": {
-            "httpGet": {"path": "/healthz", "port": "http"},
-            "periodSeconds": 2,
-            "failureThreshold": 3,
-        },
-        "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "http"},
-            "periodSeconds": 10,
-            "failureThreshold": 6,
-        },
+        **_health_probes(),
         "securityContext": _security_context(add_ipc_lock=True),
         "volumeMounts": [
             {"name": "config", "mountPath": engine_config.CONFIG_DIR, "readOnly": True},
