@@ -275,7 +275,7 @@ class LocalStack:
 
     def leftover_pids(self) -> list[int]:
         """PIDs this stack started that are still alive (empty after a clean :meth:`stop`)."""
-        pids = list(self._pids)
+        pids = [*self._pids, *(p.pid for p in self.cluster.procs)]
         if self.runner is not None:
             pids += self.runner.started_pids()
         return sorted({pid for pid in pids if processes.pid_alive(pid)})
