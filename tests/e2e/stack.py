@@ -551,13 +551,13 @@ class LocalStack:
             raise harness.ClusterError(f"operator exited:\n{self.operator.log_tail(60)}")
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        """Events about DualPathCluster ``name``, oldest first."""
+        """Events about DualPathCluster ``name``, in the order they were last written (newest last)."""
         out = []
         for ev in self.client.list(Event, namespace=self.namespace):
             obj = ev.involvedObject
             if obj.kind == "DualPathCluster" and obj.name == name:
                 out.append(ev.to_dict())
-        return sorted(out, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+        return sorted(out, key=lambda e: int((e.get("metadata") or {}).get("resourceVersion") or 0))
 
     # ---- pods and URLs -----------------------------------------------------------------------------
 
