@@ -351,6 +351,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="dualpath-demo-"))
     body: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     name = str(body["metadata"]["name"])
+    body["spec"]["ratio"]["gpuBudget"] = 8 * args.nodes  # never plan more engine groups than there are nodes
     local = stack.LocalStack(run_dir, nodes=args.nodes, say=_say)
     workload: Workload | None = None
     view = View(local, name, tty=sys.stdout.isatty() and not args.plain)
