@@ -40,9 +40,10 @@ def fixed(stack: stack_mod.LocalStack, prefill: int, decode: int, *, prometheus:
     return mutate
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def weighted(stack: stack_mod.LocalStack) -> Iterator[str]:
-    """A Fixed 1P2D cluster whose telemetry comes from Prometheus (node_exporter + engines)."""
+    """A Fixed 1P2D cluster whose telemetry comes from Prometheus (node_exporter + engines); it takes
+    three of the stack's four nodes, so it exists only while the weights tests run."""
     stack.apply(e2e.cluster_body("weights", fixed(stack, 1, 2, prometheus=True)))
     e2e.wait_ready(stack, "weights", "1P:2D")
     stack.wait_condition("weights", "TelemetryAvailable", "True", timeout_s=120)
@@ -50,88 +51,91 @@ def weighted(stack: stack_mod.LocalStack) -> Iterator[str]:
     e2e.delete_and_wait(stack, "weights")
 
 
-def test_traffic_uses_both_paths_and_weights_shift_away_from_a_saturated_pe_storage_nic(
-    stack: stack_mod.LocalStack, weighted: str
-) -> None:
-    pe, des = e2e.pe_node(stack, weighted), e2e.de_nodes(stack, weighted)
-    with e2e.Traffic(stack, weighted) as traffic:
-        harness.wait_for("traffic flowing", lambda: traffic.ok >= 6, 180)
-        before = e2e.engine_kv_bytes(stack, weighted)
-        # Other traffic takes 80 % of the PE node's storage NIC; the DE nodes' NICs stay idle.
-        stack.add_background_traffic(pe, 0.8 * STORAGE_BPS)
-        t0 = time.monotonic()
+class TestPathWeights:
+    """Path weights on one Fixed 1P2D cluster fed by Prometheus."""
 
-        def shifted(st: dict[str, Any]) -> bool:
+    def test_traffic_uses_both_paths_and_weights_shift_away_from_a_saturated_pe_storage_nic(
+        self, stack: stack_mod.LocalStack, weighted: str
+    ) -> None:
+        pe, des = e2e.pe_node(stack, weighted), e2e.de_nodes(stack, weighted)
+        with e2e.Traffic(stack, weighted) as traffic:
+            harness.wait_for("traffic flowing", lambda: traffic.ok >= 6, 180)
+            before = e2e.engine_kv_bytes(stack, weighted)
+            # Other traffic takes 80 % of the PE node's storage NIC; the DE nodes' NICs stay idle.
+            stack.add_background_traffic(pe, 0.8 * STORAGE_BPS)
+            t0 = time.monotonic()
+
+            def shifted(st: dict[str, Any]) -> bool:
+                w = e2e.weights_of(st)
+                return pe in w and all(d in w for d in des) and all(w[pe] < 0.5 * w[d] for d in des)
+
+            st = stack.wait_status(weighted, shifted, "PE node's weight below half of each DE node's", 60)
+            shift_s = time.monotonic() - t0
+            harness.wait_for("more traffic after the shift", lambda: traffic.ok >= 12, 180)
+            after = e2e.engine_kv_bytes(stack, weighted)
+        stack.background[pe].stop()
+
+        assert shift_s <= 2 * INTERVAL_S + WINDOW_S + 5, f"weights shifted after {shift_s:.1f}s"
+        assert after["de"] > before["de"], (before, after)
+        assert after["pe"] > 0 and after["de"] > 0
+        assert traffic.failures == [] and traffic.mismatches == []
+        final = stack.get(weighted)["status"]
+        expected = {
+            "Ready": ("True", "AllReady"),
+            "Degraded": ("False", "AsExpected"),
+            "Rebalancing": ("False", "Disabled"),
+            "TelemetryAvailable": ("True", "TelemetryFresh"),
+            "RDMAReady": ("False", "KVOverTCP"),  # local engines move KV over TCP, and status says so
+        }
+        for kind, (status, reason) in expected.items():
+            c = stack_mod.condition(final, kind)
+            assert c is not None and (c["status"], c["reason"]) == (status, reason), (kind, c)
+        assert abs(sum(e2e.weights_of(st).values()) - 1.0) < 0.01
+
+    def test_a_storage_nic_degraded_to_half_gets_about_half_the_weight(
+        self, stack: stack_mod.LocalStack, weighted: str
+    ) -> None:
+        des = e2e.de_nodes(stack, weighted)
+        slow, healthy = des[0], des[1]
+        stack.set_storage_budget(slow, 0.5 * STORAGE_BPS)
+
+        def halved(st: dict[str, Any]) -> bool:
             w = e2e.weights_of(st)
-            return pe in w and all(d in w for d in des) and all(w[pe] < 0.5 * w[d] for d in des)
+            return slow in w and healthy in w and 0.35 <= w[slow] / w[healthy] <= 0.65
 
-        st = stack.wait_status(weighted, shifted, "PE node's weight below half of each DE node's", 60)
-        shift_s = time.monotonic() - t0
-        harness.wait_for("more traffic after the shift", lambda: traffic.ok >= 12, 180)
-        after = e2e.engine_kv_bytes(stack, weighted)
-    stack.background[pe].stop()
+        stack.wait_status(weighted, halved, "degraded DE node's weight at ~half the healthy one's", 60)
+        stack.set_storage_budget(slow, STORAGE_BPS)
 
-    assert shift_s <= 2 * INTERVAL_S + WINDOW_S + 5, f"weights shifted after {shift_s:.1f}s"
-    assert after["de"] > before["de"], (before, after)
-    assert after["pe"] > 0 and after["de"] > 0
-    assert traffic.failures == [] and traffic.mismatches == []
-    final = stack.get(weighted)["status"]
-    expected = {
-        "Ready": ("True", "AllReady"),
-        "Degraded": ("False", "AsExpected"),
-        "Rebalancing": ("False", "Disabled"),
-        "TelemetryAvailable": ("True", "TelemetryFresh"),
-        "RDMAReady": ("False", "KVOverTCP"),  # local engines move KV over TCP, and status says so
-    }
-    for kind, (status, reason) in expected.items():
-        c = stack_mod.condition(final, kind)
-        assert c is not None and (c["status"], c["reason"]) == (status, reason), (kind, c)
-    assert abs(sum(e2e.weights_of(st).values()) - 1.0) < 0.01
+        def restored(st: dict[str, Any]) -> bool:
+            w = e2e.weights_of(st)
+            return slow in w and healthy in w and w[slow] / w[healthy] > 0.85
 
+        stack.wait_status(weighted, restored, "weight restored with the link", 90)
 
-def test_a_storage_nic_degraded_to_half_gets_about_half_the_weight(
-    stack: stack_mod.LocalStack, weighted: str
-) -> None:
-    des = e2e.de_nodes(stack, weighted)
-    slow, healthy = des[0], des[1]
-    stack.set_storage_budget(slow, 0.5 * STORAGE_BPS)
-
-    def halved(st: dict[str, Any]) -> bool:
-        w = e2e.weights_of(st)
-        return slow in w and healthy in w and 0.35 <= w[slow] / w[healthy] <= 0.65
-
-    stack.wait_status(weighted, halved, "degraded DE node's weight at ~half the healthy one's", 60)
-    stack.set_storage_budget(slow, STORAGE_BPS)
-
-    def restored(st: dict[str, Any]) -> bool:
-        w = e2e.weights_of(st)
-        return slow in w and healthy in w and w[slow] / w[healthy] > 0.85
-
-    stack.wait_status(weighted, restored, "weight restored with the link", 90)
-
-
-def test_a_prometheus_outage_causes_no_action_and_recovers(
-    stack: stack_mod.LocalStack, weighted: str
-) -> None:
-    held = stack.get(weighted)["status"]
-    stack.stop_prometheus()
-    try:
-        cond = stack.wait_condition(weighted, "TelemetryAvailable", "False", timeout_s=2 * INTERVAL_S + 15)
-        assert cond["reason"] == "TelemetryUnreachable", cond
-        frozen = e2e.weights_of(stack.get(weighted)["status"])
-        assert frozen, "weights were cleared instead of held"
-        # Two more intervals without telemetry: nothing moves (weights held, ratio unchanged).
-        deadline = time.monotonic() + 2 * INTERVAL_S
-        while time.monotonic() < deadline:
-            during = stack.get(weighted)["status"]
-            assert e2e.weights_of(during) == frozen
-            assert during["desiredRatio"] == held["desiredRatio"]
-            time.sleep(1)
-    finally:
-        stack.start_prometheus()
-    stack.wait_condition(weighted, "TelemetryAvailable", "True", timeout_s=60)
-    events = [e["reason"] for e in stack.events(weighted)]
-    assert "TelemetryUnreachable" in events and "TelemetryFresh" in events
+    def test_a_prometheus_outage_causes_no_action_and_recovers(
+        self, stack: stack_mod.LocalStack, weighted: str
+    ) -> None:
+        held = stack.get(weighted)["status"]
+        stack.stop_prometheus()
+        try:
+            cond = stack.wait_condition(
+                weighted, "TelemetryAvailable", "False", timeout_s=2 * INTERVAL_S + 15
+            )
+            assert cond["reason"] == "TelemetryUnreachable", cond
+            frozen = e2e.weights_of(stack.get(weighted)["status"])
+            assert frozen, "weights were cleared instead of held"
+            # Two more intervals without telemetry: nothing moves (weights held, ratio unchanged).
+            deadline = time.monotonic() + 2 * INTERVAL_S
+            while time.monotonic() < deadline:
+                during = stack.get(weighted)["status"]
+                assert e2e.weights_of(during) == frozen
+                assert during["desiredRatio"] == held["desiredRatio"]
+                time.sleep(1)
+        finally:
+            stack.start_prometheus()
+        stack.wait_condition(weighted, "TelemetryAvailable", "True", timeout_s=60)
+        events = [e["reason"] for e in stack.events(weighted)]
+        assert "TelemetryUnreachable" in events and "TelemetryFresh" in events
 
 
 def test_the_ratio_holds_under_constant_load_then_follows_prefill_and_decode_pressure(
