@@ -48,7 +48,9 @@ def wait_ready(s: stack_mod.LocalStack, name: str, ratio: str, timeout_s: float 
         c = stack_mod.condition(st, "Ready")
         return c is not None and c["status"] == "True" and st.get("ratio") == ratio
 
-    return s.wait_status(name, ready, f"{name} Ready at {ratio}", timeout_s)
+    st = s.wait_status(name, ready, f"{name} Ready at {ratio}", timeout_s)
+    s.wait_serving(name, timeout_s)  # kwok marks pods Ready before the runner's processes serve
+    return st
 
 
 def delete_and_wait(s: stack_mod.LocalStack, name: str) -> None:
