@@ -17,6 +17,7 @@ It never writes the DualPathCluster's spec or metadata.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -37,7 +38,7 @@ from dualpath_operator.api.v1alpha1 import status as api_status
 from dualpath_operator.k8s import apply, events, gather
 from dualpath_operator.k8s import client as k8s_client
 from dualpath_operator.planning import planner, plans
-from dualpath_operator.rendering import engine_config, manifests
+from dualpath_operator.rendering import engine_config, labels, manifests
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -160,6 +161,12 @@ class Reconciler:
             rt.ratio_state = plan.ratio_state
         for err in admin_errors:
             log.warning("%s/%s: scheduler admin call failed: %s", namespace, name, err)
+        if admin_errors:
+            # A role switch the scheduler did not accept must not be recorded on the pod either: the
+            # label would claim a role the engine does not serve. The next pass tries again.
+            plan = dataclasses.replace(
+                plan, patch_pods=tuple(p for p in plan.patch_pods if labels.ROLE not in p.labels)
+            )
         errors = await self._apply(ref, plan)
         new_status = plan.status
         if errors:
