@@ -3,7 +3,8 @@ storage NIC) per engine, free ports picked at run time (port 0, read back from e
 process stopped by PID. On GPUs each engine gets a device (``local_rank``): prefill engines on the first
 share of the GPUs, decode engines on the rest.
 
-Used by :mod:`bench.engine.replay`; mirrors ``tests/engine/harness.py`` (which stays test-only).
+Used by :mod:`bench.engine.replay`; the process handling is ``tests.cluster.processes.ReadyProcess``,
+shared with ``tests/engine/harness.py``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import pathlib
-import signal
-import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,62 +26,12 @@ from prometheus_client import parser
 
 from bench.engine import settings
 from dualpath_engine import tokenizer
+from tests.cluster import processes as procs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL_NAME = "bench"
 POLICY = {"basic": "pe-only", "dualpath": "dualpath", "oracle": "dualpath"}
 """Scheduler read-side policy of each engine mode."""
-
-
-class Process:
-    """A child process logging to a file; its first ``ready ...`` / ``listening on ...`` line is kept."""
-
-    def __init__(self, name: str, args: list[str], log: pathlib.Path) -> None:
-        self.name = name
-        self.log = log
-        self.ready_line: str | None = None
-        self._ready = threading.Event()
-        self.popen = subprocess.Popen(
-            args, cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self._reader = threading.Thread(target=self._pump, daemon=True)
-        self._reader.start()
-
-    def _pump(self) -> None:
-        stream = self.popen.stdout
-        if stream is None:
-            raise RuntimeError(f"{self.name}: no stdout pipe")
-        with self.log.open("w") as out:
-            for line in stream:
-                out.write(line)
-                out.flush()
-                if self.ready_line is None and line.startswith(("ready ", "listening on ")):
-                    self.ready_line = line.strip()
-                    self._ready.set()
-        self._ready.set()
-
-    def wait_ready(self, timeout: float) -> str:
-        """The ready line; RuntimeError with the log tail if the process exits or times out first."""
-        if not self._ready.wait(timeout) or self.ready_line is None:
-            raise RuntimeError(f"{self.name} not ready in {timeout}s:\n{self.tail()}")
-        return self.ready_line
-
-    def tail(self, lines: int = 30) -> str:
-        """Last lines of the log."""
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text().splitlines()[-lines:])
-        return ""
-
-    def stop(self) -> None:
-        """SIGTERM, SIGKILL after 10 s; by PID only."""
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(10)
-        self._reader.join(5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +43,7 @@ class Engine:
     node: str
     device: str
     http: str
-    process: Process
+    process: procs.ReadyProcess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +139,7 @@ def cluster(
         "fsync": False,
         "read_workers": 4,
     }
-    processes: list[Process] = []
+    processes: list[procs.ReadyProcess] = []
     try:
         sched = {
             "port": 0,
@@ -203,7 +150,7 @@ def cluster(
             "kv": kv,
         }
         command = [sys.executable, "-m", "dualpath_engine"]
-        scheduler = Process(
+        scheduler = procs.ReadyProcess(
             "scheduler",
             [
                 *command,
@@ -214,6 +161,7 @@ def cluster(
                 "WARNING",
             ],
             workdir / "scheduler.log",
+            cwd=ROOT,
         )
         processes.append(scheduler)
         url = scheduler.wait_ready(60).split()[-1]
@@ -221,10 +169,11 @@ def cluster(
         for role, name, gpu in placement(topology):
             data = _engine_config(cfg, topology, mode, role, name, gpu, url, kv)
             path = _write(workdir / f"{name}.yaml", data)
-            process = Process(
+            process = procs.ReadyProcess(
                 name,
                 [*command, "engine", "--config", path, "--log-level", "WARNING"],
                 workdir / f"{name}.log",
+                cwd=ROOT,
             )
             processes.append(process)
             pending.append((process, role, name, data))

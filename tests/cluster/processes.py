@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -113,3 +114,71 @@ def start(
             start_new_session=True,
         )
     return Managed(name=name, pid=popen.pid, log=log, popen=popen)
+
+
+class ReadyProcess:
+    """A child process whose combined output goes to a log file and whose first ``ready ...`` or
+    ``listening on ...`` line (what the engine and scheduler print once bound) is kept.
+
+    Used by the engine test harness (``tests/engine/harness.py``) and the engine benchmarks
+    (``bench/engine/cluster.py``); stopped by PID only.
+    """
+
+    def __init__(
+        self, name: str, args: Sequence[str], log: Path, *, cwd: Path, env: Mapping[str, str] | None = None
+    ) -> None:
+        self.name = name
+        self.log = log
+        self.ready_line: str | None = None
+        self._ready = threading.Event()
+        self.popen = subprocess.Popen(
+            list(args),
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        stream = self.popen.stdout
+        if stream is None:
+            raise RuntimeError(f"{self.name}: no stdout pipe")
+        with self.log.open("w") as out:
+            for line in stream:
+                out.write(line)
+                out.flush()
+                if self.ready_line is None and line.startswith(("ready ", "listening on ")):
+                    self.ready_line = line.strip()
+                    self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float) -> str:
+        """The ready line; RuntimeError with the log tail if the process exits or times out first."""
+        if not self._ready.wait(timeout) or self.ready_line is None:
+            raise RuntimeError(f"{self.name} not ready in {timeout}s:\n{self.tail()}")
+        return self.ready_line
+
+    def tail(self, lines: int = 40) -> str:
+        """Last lines of the log."""
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text().splitlines()[-lines:])
+        return ""
+
+    def kill(self) -> None:
+        """SIGKILL now (a crash)."""
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s; by PID only."""
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._reader.join(5)

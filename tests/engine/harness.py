@@ -8,92 +8,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import pathlib
-import signal
-import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
 from prometheus_client import parser
+
+from tests.cluster import processes as procs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 BLOCK_TOKENS = 16
 
 
-class Process:
-    """A child process whose combined output goes to a log file; the ready line is captured."""
-
-    def __init__(self, name: str, args: list[str], log: pathlib.Path, env: Mapping[str, str]) -> None:
-        self.name = name
-        self.log = log
-        self.ready_line: str | None = None
-        self._ready = threading.Event()
-        self.popen = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._pump, daemon=True)
-        self._reader.start()
-
-    def _pump(self) -> None:
-        assert self.popen.stdout is not None
-        with self.log.open("w") as out:
-            for line in self.popen.stdout:
-                out.write(line)
-                out.flush()
-                if self.ready_line is None and (
-                    line.startswith("ready ") or line.startswith("listening on ")
-                ):
-                    self.ready_line = line.strip()
-                    self._ready.set()
-        self._ready.set()
-
-    def wait_ready(self, timeout: float) -> str:
-        """The ready line; fails with the log tail if the process exits or times out first."""
-        if not self._ready.wait(timeout) or self.ready_line is None:
-            raise RuntimeError(f"{self.name} not ready in {timeout}s:\n{self.tail()}")
-        return self.ready_line
-
-    def tail(self, lines: int = 40) -> str:
-        """Last lines of the log."""
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text().splitlines()[-lines:])
-        return ""
-
-    def kill(self) -> None:
-        """SIGKILL now (a crash)."""
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(10)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s; by PID only."""
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._reader.join(5)
-
-
 @dataclasses.dataclass
 class Engine:
     """A running engine process and where it serves."""
 
-    process: Process
+    process: procs.ReadyProcess
     engine_id: str
     http: str
 
@@ -123,7 +60,7 @@ class Cluster:
 
     workdir: pathlib.Path
     url: str
-    scheduler: Process
+    scheduler: procs.ReadyProcess
     prefill: Engine
     decodes: list[Engine]
 
@@ -183,7 +120,7 @@ def cluster(
 ) -> Iterator[Cluster]:
     """Start 1 scheduler, 1 PE (node-a) and 2 DEs (node-b, node-c); stop all by PID on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
-    processes: list[Process] = []
+    processes: list[procs.ReadyProcess] = []
     try:
         sched_cfg = {
             "port": 0,
@@ -194,7 +131,7 @@ def cluster(
             "kv": _kv(workdir),
             **(scheduler_extra or {}),
         }
-        scheduler = Process(
+        scheduler = procs.ReadyProcess(
             "scheduler",
             [
                 PYTHON,
@@ -205,7 +142,7 @@ def cluster(
                 str(_write(workdir / "sched.yaml", sched_cfg)),
             ],
             workdir / "scheduler.log",
-            {},
+            cwd=ROOT,
         )
         processes.append(scheduler)
         url = scheduler.wait_ready(60).split()[-1]
@@ -233,11 +170,11 @@ def cluster(
             if role == "decode" and decode_network:
                 engine_cfg["network"] = decode_network
             path = _write(workdir / f"{name}.yaml", engine_cfg)
-            process = Process(
+            process = procs.ReadyProcess(
                 name,
                 [PYTHON, "-m", "dualpath_engine", "engine", "--config", str(path)],
                 workdir / f"{name}.log",
-                {},
+                cwd=ROOT,
             )
             processes.append(process)
             pending.append((process, name))
