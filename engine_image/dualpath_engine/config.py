@@ -363,6 +363,13 @@ class SchedulerConfig(_Frozen):
     split_reads: bool = pydantic.Field(
         default=False, description="Extension: split one request's hit blocks across both read paths."
     )
+    read_side_tie_break: Literal["prefill", "least_read"] = pydantic.Field(
+        default="prefill",
+        description=(
+            "Who reads when both sides tie: prefill = the PE side (paper); least_read = extension, the node "
+            "assigned fewer read tokens so far (evens storage-NIC bytes across nodes)."
+        ),
+    )
     host: str = pydantic.Field(default="127.0.0.1", min_length=1, description="Address to bind.")
     port: int = pydantic.Field(default=8000, ge=0, le=65535, description="HTTP port; 0 = pick a free port.")
     admin_token_file: str | None = pydantic.Field(

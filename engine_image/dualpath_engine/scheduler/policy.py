@@ -34,6 +34,14 @@ bytes / usable storage-NIC capacity of each side's node), split reads (a request
 between both sides so both queues finish together), drain (a drained group gets no new work; see
 ``distribute_to_decode_groups`` and ``scheduler.state``) and forced sides (``pe-only``/``de-only``).
 
+Read-side tie-break (our extension, not the paper's; ``TieBreak``): ``prefill`` is the paper's rule
+above. With ``least_read`` a tie (equal read queues, or equal expected finish times for the
+weights-aware rule) goes to the side whose node has been assigned fewer read tokens so far (a
+cumulative count per node kept by the caller); equal counts still go to the PE. Why: with sequential
+agentic turns both queues are usually empty, and the PE node is a candidate for every request while
+a DE node only for its own, so under ``prefill`` a 1P2D cluster's PE node reads about half of all
+bytes instead of a third. Non-tied decisions and split reads are unaffected.
+
 Ties between engines with equal keys are broken by their order in the input (the leader's rank
 order), which keeps every decision deterministic.
 """
@@ -51,6 +59,9 @@ Side = Literal["pe", "de"]
 
 ReadMode = Literal["shorter_queue", "weights_aware", "pe_only", "de_only"]
 """How the read side is chosen: the paper's rule, the weights-aware extension, or a forced side."""
+
+TieBreak = Literal["prefill", "least_read"]
+"""Who reads on a tie: the PE side (paper) or the node assigned fewer read tokens so far (extension)."""
 
 PeCategory = Literal["short", "long"]
 DeChoice = Literal["normal", "high_token"]
@@ -252,11 +263,30 @@ def select_decode_engines(
     return DeFetch(tuple(assignments), stop, z_tokens, tok, seq, free)
 
 
-def choose_read_side(pe_node: str, de_node: str, read_queue_tokens: Mapping[str, int]) -> Side:
-    """The paper's rule: the side whose node has the shorter read queue; ties go to the PE."""
+def choose_read_side(
+    pe_node: str,
+    de_node: str,
+    read_queue_tokens: Mapping[str, int],
+    *,
+    tie_break: TieBreak = "prefill",
+    read_tokens: Mapping[str, float] | None = None,
+) -> Side:
+    """The paper's rule: the side whose node has the shorter read queue; ties go to the PE.
+
+    With ``tie_break="least_read"`` a tie goes to the side whose node has the fewer cumulative read
+    tokens in ``read_tokens`` (a node missing from it counts 0); equal counts go to the PE.
+    """
     pe_queue = read_queue_tokens.get(pe_node, 0)
     de_queue = read_queue_tokens.get(de_node, 0)
-    return "pe" if pe_queue <= de_queue else "de"
+    if pe_queue != de_queue:
+        return "pe" if pe_queue < de_queue else "de"
+    return _tie(tie_break, read_tokens, pe_node, de_node)
+
+
+def _tie(tie_break: TieBreak, read_tokens: Mapping[str, float] | None, pe_node: str, de_node: str) -> Side:
+    if tie_break == "least_read" and read_tokens is not None:
+        return "de" if read_tokens.get(de_node, 0.0) < read_tokens.get(pe_node, 0.0) else "pe"
+    return "pe"
 
 
 def expected_wait_seconds(queued_bytes: float, capacity_bytes_per_second: float) -> float:
@@ -275,15 +305,25 @@ def choose_read_side_weighted(
     pe_capacity_bytes_per_second: float,
     de_capacity_bytes_per_second: float,
     request_bytes: float,
+    *,
+    tie_break: TieBreak = "prefill",
+    pe_read_tokens: float = 0.0,
+    de_read_tokens: float = 0.0,
 ) -> Side:
     """Weights-aware extension: the side that would finish this request's read first.
 
     Compares (queued + request) / capacity of both nodes; ties go to the PE, as in the paper's rule.
-    With equal capacities this is the paper's shorter-queue rule expressed in bytes.
+    With equal capacities this is the paper's shorter-queue rule expressed in bytes. With
+    ``tie_break="least_read"`` a tie goes to the side whose node has the fewer cumulative read
+    tokens (``pe_read_tokens``/``de_read_tokens``); equal counts go to the PE.
     """
     pe_finish = expected_wait_seconds(pe_queued_bytes + request_bytes, pe_capacity_bytes_per_second)
     de_finish = expected_wait_seconds(de_queued_bytes + request_bytes, de_capacity_bytes_per_second)
-    return "pe" if pe_finish <= de_finish else "de"
+    if pe_finish != de_finish:
+        return "pe" if pe_finish < de_finish else "de"
+    if tie_break == "least_read" and de_read_tokens < pe_read_tokens:
+        return "de"
+    return "pe"
 
 
 def split_blocks(
@@ -336,6 +376,9 @@ def plan_read(
     bytes_per_token: float,
     capacity_bytes_per_second: Mapping[str, float],
     default_capacity_bytes_per_second: float,
+    *,
+    tie_break: TieBreak = "prefill",
+    read_tokens: Mapping[str, float] | None = None,
 ) -> ReadPlan:
     """Decide the read side(s) of one request whose PE and DE are both known.
 
@@ -344,6 +387,8 @@ def plan_read(
     the weights-aware rule converts them to bytes with ``bytes_per_token`` and divides by each
     node's usable storage-NIC capacity (``default_capacity_bytes_per_second`` for nodes without a
     pushed weight). Split reads without ``weights_aware`` treat both capacities as equal.
+    ``tie_break`` and ``read_tokens`` (cumulative read tokens per node) decide whole-request ties;
+    see the module notes.
     """
     total_tokens = num_blocks * block_tokens
     if mode in ("pe_only", "de_only"):
@@ -366,9 +411,21 @@ def plan_read(
         return ReadPlan(primary, sides, k * block_tokens, (num_blocks - k) * block_tokens)
     if mode == "weights_aware":
         request_bytes = total_tokens * bytes_per_token
-        side = choose_read_side_weighted(pe_bytes, de_bytes, pe_cap, de_cap, request_bytes)
+        so_far = read_tokens if read_tokens is not None else {}
+        side = choose_read_side_weighted(
+            pe_bytes,
+            de_bytes,
+            pe_cap,
+            de_cap,
+            request_bytes,
+            tie_break=tie_break,
+            pe_read_tokens=so_far.get(pe_node, 0.0),
+            de_read_tokens=so_far.get(de_node, 0.0),
+        )
     else:
-        side = choose_read_side(pe_node, de_node, read_queue_tokens)
+        side = choose_read_side(
+            pe_node, de_node, read_queue_tokens, tie_break=tie_break, read_tokens=read_tokens
+        )
     return _whole(side, num_blocks, total_tokens)
 
 

@@ -21,6 +21,8 @@ what is left elsewhere) and then tells the group its new role.
 Load accounting: engines report ``seq``/``tok``/free HBM covering the tasks they received in replies
 they acknowledged; tasks assigned but not yet acknowledged are added on top. A node's read queue is
 the sum its groups report plus the hit tokens planned on that node for unacknowledged tasks.
+``read_tokens`` counts, per node, all hit tokens ever planned there (the ``least_read`` tie-break's
+input); a node is forgotten once no group is on it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class SchedulerState:
         self.de_queue: dict[str, None] = {}
         self.private: dict[str, dict[str, None]] = {}
         self.weights: dict[str, float] = {}
+        self.read_tokens: collections.Counter[str] = collections.Counter()
         self.index: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._kv_bytes_per_token = cfg.model.kv_bytes_per_token
         self._ids = itertools.count()
@@ -225,7 +228,9 @@ class SchedulerState:
             if message.role == "decode":
                 self.private.setdefault(group.group_id, {})
         group.reported_role = message.role
-        group.node = message.node
+        if group.node != message.node:
+            group.node = message.node
+            self._forget_idle_nodes()
         group.engines = {e.engine_id: e for e in message.engines}
         group.read_queue_tokens = message.read_queue_tokens
         group.last_seen = now
@@ -415,7 +420,11 @@ class SchedulerState:
             float(self._kv_bytes_per_token),
             self.weights,
             self.cfg.default_storage_capacity_bytes_per_s,
+            tie_break=self.cfg.read_side_tie_break,
+            read_tokens=self.read_tokens,
         )
+        self.read_tokens[pe_node] += task.plan.pe_tokens
+        self.read_tokens[de_node] += task.plan.de_tokens
         split = bool(task.plan.pe_tokens and task.plan.de_tokens)
         self._metrics.read_side_decisions.labels(path="split" if split else task.plan.primary).inc()
         cached = len(hits) * self.cfg.kv.block_tokens
@@ -549,6 +558,7 @@ class SchedulerState:
 
     def _lose_group(self, group: records.GroupRecord, reason: str, now: float) -> None:
         del self.groups[group.group_id]
+        self._forget_idle_nodes()
         self._metrics.engine_groups_lost.labels(reason=reason).inc()
         self._return_private(group)
         self.private.pop(group.group_id, None)
@@ -556,6 +566,11 @@ class SchedulerState:
             request = self.requests.get(task.request_id)
             if request is not None and request.task_id == task.task_id:
                 self._retry(request, f"engine group {group.group_id} lost ({reason})", "engine_lost", now)
+
+    def _forget_idle_nodes(self) -> None:
+        nodes = {g.node for g in self.groups.values()}
+        for node in [n for n in self.read_tokens if n not in nodes]:
+            del self.read_tokens[node]
 
     def _return_private(self, group: records.GroupRecord) -> None:
         queue = self.private.get(group.group_id)

@@ -343,3 +343,52 @@ def test_request_ids_of_a_restarted_scheduler_never_repeat_the_old_ones() -> Non
     new = {restarted.s.submit([1, 2, 3], sampling(), now=0.0) for _ in range(3)}
     assert len(old) == len(new) == 3
     assert not old & new
+
+
+def run_sequential_turns(h: Harness, turns: int) -> list[str]:
+    """1P2D, empty read queues: each turn's request is bound and finished before the next arrives.
+
+    The decode selection is steered to alternate the two DE groups (the other one reports load);
+    returns the read side of each turn.
+    """
+    prompt = list(range(9))  # two full blocks, both hit
+    h.event("x", 0, task_id="old", engine_id="x", persisted_block_hashes=hasher(prompt))
+    h.fetch("pe", "prefill", "np", 0)
+    sides: list[str] = []
+    for turn in range(turns):
+        target, other = ("d0", "d1") if turn % 2 == 0 else ("d1", "d0")
+        h.fetch(other, "decode", f"n{other}", turn, tok=1000)
+        h.fetch(target, "decode", f"n{target}", turn, tok=0)
+        request_id = h.s.submit(prompt, sampling(), turn)
+        h.fetch("pe", "prefill", "np", turn)
+        (task,) = h.fetch(target, "decode", f"n{target}", turn, tok=0).assignments
+        assert task.request_id == request_id and task.decode.node == f"n{target}"
+        sides.append(task.read_side)
+        h.event(target, turn, task_id=task.task_id, engine_id=task.engine_id, finish_reason="stop")
+        assert not h.s.tasks  # nothing left queued: every decision saw empty read queues
+    return sides
+
+
+def test_least_read_tie_break_spreads_sequential_reads_over_all_three_nodes() -> None:
+    h = Harness(read_side_tie_break="least_read")
+    sides = run_sequential_turns(h, 6)
+    assert sides == ["pe", "de", "de", "pe", "de", "de"]
+    assert dict(h.s.read_tokens) == {"np": 16, "nd0": 16, "nd1": 16}
+
+
+def test_prefill_tie_break_gives_every_tie_to_the_pe_node() -> None:
+    h = Harness()
+    assert run_sequential_turns(h, 6) == ["pe"] * 6
+    assert {node: h.s.read_tokens[node] for node in ("np", "nd0", "nd1")} == {"np": 48, "nd0": 0, "nd1": 0}
+
+
+def test_read_counts_are_forgotten_with_the_last_group_on_a_node() -> None:
+    h = Harness(read_side_tie_break="least_read")
+    run_sequential_turns(h, 3)
+    assert set(h.s.read_tokens) == {"np", "nd0", "nd1"}
+    h.fetch("pe", "prefill", "np", 20)
+    h.fetch("d0", "decode", "nd0", 20)
+    h.s.expire(20)  # d1 silent since t=2: lost
+    assert "d1" not in h.s.groups and set(h.s.read_tokens) == {"np", "nd0"}
+    h.fetch("d0", "decode", "nd9", 21)  # the group now reports another node
+    assert set(h.s.read_tokens) == {"np"}
