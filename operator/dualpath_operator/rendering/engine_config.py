@@ -15,6 +15,7 @@ import yaml
 
 from dualpath_engine import config as engine_config
 from dualpath_operator.api.v1alpha1 import cluster as api
+from dualpath_operator.api.v1alpha1 import spec as specs
 from dualpath_operator.rendering import names
 
 CONFIG_DIR = "/etc/dualpath"
@@ -61,6 +62,12 @@ def scheduler_url(cluster: str, namespace: str, spec: api.DualPathClusterSpec) -
     return f"http://{names.scheduler(cluster)}.{namespace}.svc:{spec.scheduler.port}"
 
 
+#: ``spec.scheduler.readSideTieBreak`` -> the scheduler config's ``read_side_tie_break``.
+_TIE_BREAKS: dict[specs.ReadSideTieBreak, str] = {
+    specs.ReadSideTieBreak.PREFILL: "prefill",
+    specs.ReadSideTieBreak.LEAST_READ: "least_read",
+}
+
 #: Where engine pods mount ``spec.network.emulation.sysfsHostPath`` (the fake sysfs tree's root).
 EMULATED_SYSFS_DIR = "/var/lib/dualpath/sys"
 
@@ -103,6 +110,7 @@ def scheduler_document(spec: api.DualPathClusterSpec) -> dict[str, Any]:
         "compute_quota_ms": s.compute_quota_ms,
         "weights_aware_read_side": s.weights_aware_read_side,
         "split_reads": s.split_reads,
+        "read_side_tie_break": _TIE_BREAKS[s.read_side_tie_break],
         "alpha_tokens": s.alpha_tokens,
         "beta_tokens": s.beta_tokens,
         "port": s.port,

@@ -212,6 +212,11 @@ INVALID: tuple[Case, ...] = (
     Case("scheduler-replicas-2", _set("scheduler.replicas", 2), "spec.scheduler.replicas"),
     Case("scheduler-policy-unknown", _set("scheduler.policy", "random"), "spec.scheduler.policy"),
     Case(
+        "scheduler-tie-break-unknown",
+        _set("scheduler.readSideTieBreak", "least_read"),
+        "spec.scheduler.readSideTieBreak",
+    ),
+    Case(
         "api-key-secret-name-invalid",
         _set("scheduler.apiKeySecretRef", {"name": "Bad_Name", "key": "token"}),
         "spec.scheduler.apiKeySecretRef.name",

@@ -24,6 +24,7 @@ def test_minimal_cluster_parses_with_documented_defaults() -> None:
     assert s.model.dtype is spec.ModelDtype.BFLOAT16
     assert s.scheduler.compute_quota_ms == 300
     assert s.scheduler.replicas == 1
+    assert s.scheduler.read_side_tie_break is spec.ReadSideTieBreak.PREFILL  # the paper's rule
     assert s.ratio.mode is spec.RatioMode.FIXED
     assert (s.ratio.prefill, s.ratio.decode) == (1, 2)
     assert s.network.mode is spec.NetworkMode.DEVICE_PLUGIN

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from dualpath_engine import config as engine_config
@@ -126,3 +127,27 @@ def test_nic_emulation_renders_budgets_and_a_hostpath_sysfs_tree(tmp_path: Path)
     assert eng.network.storage_nic.budget_bytes_per_s == 1e9
     plain = manifests.engine_pod(REF, spec(), "decode", 0, "cfg")
     assert "emulated-sysfs" not in {v["name"] for v in plain["spec"]["volumes"]}
+
+
+@pytest.mark.parametrize(("crd_value", "engine_value"), [("Prefill", "prefill"), ("LeastRead", "least_read")])
+def test_read_side_tie_break_reaches_the_scheduler_config(
+    tmp_path: Path, crd_value: str, engine_value: str
+) -> None:
+    def tie_break(s: dict[str, Any]) -> None:
+        s.setdefault("scheduler", {})["readSideTieBreak"] = crd_value
+
+    (tmp_path / "scheduler.yaml").write_text(
+        rendered_config.render("c", "ns", spec(tie_break))["scheduler.yaml"]
+    )
+    sch = engine_config.load_scheduler_config(tmp_path / "scheduler.yaml", {})
+    assert sch.read_side_tie_break == engine_value
+
+
+def test_read_side_tie_break_defaults_to_the_papers_rule(tmp_path: Path) -> None:
+    def unset(s: dict[str, Any]) -> None:
+        s.get("scheduler", {}).pop("readSideTieBreak", None)
+
+    (tmp_path / "scheduler.yaml").write_text(rendered_config.render("c", "ns", spec(unset))["scheduler.yaml"])
+    assert (
+        engine_config.load_scheduler_config(tmp_path / "scheduler.yaml", {}).read_side_tie_break == "prefill"
+    )

@@ -213,6 +213,13 @@ class SchedulingPolicy(StrEnum):
     DE_ONLY = "de-only"
 
 
+class ReadSideTieBreak(StrEnum):
+    """Which side reads a request's KV when both nodes' read queues are equal."""
+
+    PREFILL = "Prefill"
+    LEAST_READ = "LeastRead"
+
+
 class SchedulerSpec(common.ApiModel):
     """The central scheduler: request routing, read-side choice, OpenAI-compatible front door."""
 
@@ -257,6 +264,13 @@ class SchedulerSpec(common.ApiModel):
     )
     split_reads: bool = Field(
         False, description="Allow one request's KV read to be split between the prefill and decode sides."
+    )
+    read_side_tie_break: ReadSideTieBreak = Field(
+        ReadSideTieBreak.PREFILL,
+        description=(
+            "Prefill: the paper's rule, ties go to the prefill side. LeastRead: ties go to the node that has "
+            "read less so far, which evens storage-NIC bytes across nodes."
+        ),
     )
     port: int = Field(8000, ge=1024, le=65535, description="TCP port of the scheduler's HTTP API.")
     resources: corev1.ResourceRequirements | None = Field(
