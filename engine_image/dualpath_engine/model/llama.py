@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.nn import functional
+from torch.nn.attention import bias as attention_bias
 
 from dualpath_engine import tokenizer
 
@@ -126,12 +127,22 @@ class DecoderLayer(nn.Module):
         self.w_down = nn.Linear(geo.intermediate_size, geo.hidden_size, bias=False)
 
     def forward(
-        self, hidden: torch.Tensor, segments: Sequence[Segment], cached_kv: Sequence[torch.Tensor]
+        self,
+        hidden: torch.Tensor,
+        segments: Sequence[Segment],
+        cached_kv: Sequence[torch.Tensor] | None,
+        kv_out: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the layer over concatenated new tokens; return (hidden, new KV [tokens, 2, kv_heads, hd]).
 
-        ``cached_kv[i]`` is segment i's KV [cached, 2, kv_heads, head_dim] for this layer.
+        ``cached_kv[i]`` is segment i's KV [cached, 2, kv_heads, head_dim] for this layer. Instead, a
+        caller that keeps the sequence's KV on the device passes ``kv_out[i]``, a view
+        [cached + length, 2, kv_heads, head_dim] whose first ``cached`` rows hold the past: the new KV is
+        written into its last ``length`` rows and attention reads the view in place (no copy of the
+        past per step). Exactly one of the two must be given.
         """
+        if (cached_kv is None) == (kv_out is None):
+            raise ValueError("give either cached_kv or kv_out")
         geo = self.geo
         tokens = hidden.shape[0]
         x = self.attn_norm(hidden)
@@ -146,22 +157,45 @@ class DecoderLayer(nn.Module):
         new_kv = torch.stack((k, v), dim=1)
         outs = []
         start = 0
-        group = geo.num_heads // geo.num_kv_heads
-        for seg, past in zip(segments, cached_kv, strict=True):
+        for index, seg in enumerate(segments):
             end = start + seg.length
-            kv = torch.cat((past.to(new_kv.dtype), new_kv[start:end]), dim=0)
-            keys = kv[:, 0].repeat_interleave(group, dim=1).transpose(0, 1)
-            values = kv[:, 1].repeat_interleave(group, dim=1).transpose(0, 1)
-            query = q[start:end].transpose(0, 1)
-            key_pos = torch.arange(seg.cached + seg.length, device=hidden.device)
-            mask = key_pos[None, :] <= positions[start:end, None]
-            attn = functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
-            outs.append(attn.transpose(0, 1).reshape(seg.length, geo.num_heads * geo.head_dim))
+            if kv_out is not None:
+                kv = kv_out[index]
+                kv[seg.cached : seg.cached + seg.length] = new_kv[start:end]
+            elif cached_kv is not None and seg.cached:
+                kv = torch.cat((cached_kv[index].to(new_kv.dtype), new_kv[start:end]), dim=0)
+            else:
+                kv = new_kv[start:end]
+            attn = attend(q[start:end], kv, seg)
+            outs.append(attn.reshape(seg.length, geo.num_heads * geo.head_dim))
             start = end
         hidden = hidden + self.wo(torch.cat(outs, dim=0))
         y = self.mlp_norm(hidden)
         hidden = hidden + self.w_down(functional.silu(self.w_gate(y)) * self.w_up(y))
         return hidden, new_kv
+
+
+def attend(query: torch.Tensor, kv: torch.Tensor, seg: Segment) -> torch.Tensor:
+    """Causal GQA attention of one segment: ``query`` [length, heads, hd] over ``kv`` [cached + length,
+    2, kv_heads, hd] (the new tokens last); returns [length, heads, hd].
+
+    No mask is built: a single query token sees every key; a segment without cached tokens is plain
+    causal; otherwise the mask is causal aligned to the bottom-right corner (query ``i`` sees keys up to
+    ``cached + i``), which ``scaled_dot_product_attention`` runs in a fused kernel without materialising
+    a [length, keys] mask. Key/value heads are shared by head groups (``enable_gqa``), not repeated.
+    """
+    keys = kv[:, 0].transpose(0, 1)
+    values = kv[:, 1].transpose(0, 1)
+    q = query.transpose(0, 1)
+    gqa = q.shape[0] != keys.shape[0]
+    if seg.length == 1:
+        out = functional.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+    elif seg.cached == 0:
+        out = functional.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+    else:
+        mask = attention_bias.causal_lower_right(seg.length, seg.cached + seg.length)
+        out = functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+    return out.transpose(0, 1)
 
 
 class Decoder(nn.Module):
@@ -201,11 +235,12 @@ class Decoder(nn.Module):
         layer: int,
         hidden: torch.Tensor,
         segments: Sequence[Segment],
-        cached_kv: Sequence[torch.Tensor],
+        cached_kv: Sequence[torch.Tensor] | None,
+        kv_out: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer over external KV; see :meth:`DecoderLayer.forward`."""
         block = typing.cast(DecoderLayer, self.layers[layer])
-        return block.forward(hidden, segments, cached_kv)
+        return block.forward(hidden, segments, cached_kv, kv_out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [rows, vocab] for final hidden rows.

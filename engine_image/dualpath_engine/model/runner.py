@@ -3,7 +3,7 @@
 Built by ``dualpath_engine.__main__`` and injected into the prefill/decode loops, which stay torch-free.
 Prefill is layer-wise over external KV handed in as host ``uint8`` arrays; decode keeps each sequence's
 KV on the device in a per-sequence tensor ``[layers, capacity, 2, kv_heads, head_dim]`` that grows by
-doubling.
+doubling; each decode step writes the new token's KV into it and attends over it in place.
 """
 
 from __future__ import annotations
@@ -186,10 +186,8 @@ class TorchRunner:
         with torch.no_grad():
             hidden = self._model.embed_tokens(ids)
             for layer in range(self.num_layers):
-                past = [store[layer, :n] for store, n in zip(stores, lengths, strict=True)]
-                hidden, new_kv = self._model.layer_forward(layer, hidden, segments, past)
-                for i, (store, n) in enumerate(zip(stores, lengths, strict=True)):
-                    store[layer, n] = new_kv[i]
+                views = [store[layer, : n + 1] for store, n in zip(stores, lengths, strict=True)]
+                hidden, _ = self._model.layer_forward(layer, hidden, segments, None, kv_out=views)
             logits = self._model.logits(hidden)
         for seq in seq_ids:
             self._len[seq] += 1

@@ -204,3 +204,43 @@ def test_ids_the_tokenizer_cannot_decode_are_never_emitted() -> None:
     assert int(torch.argmax(logits, dim=-1).max()) < tok.VOCAB_SIZE
     sampled = torch_runner.choose(logits[0], runner_api.Sampling(temperature=1.0, top_p=1.0, seed=1), 0)
     assert sampled < tok.VOCAB_SIZE
+
+
+@pytest.mark.parametrize(("cached", "length"), [(0, 1), (0, 7), (9, 1), (9, 5), (3, 12)])
+def test_attention_equals_the_explicit_causal_mask_reference(cached: int, length: int) -> None:
+    """The fused paths (no mask, top-left causal, bottom-right causal bias, shared GQA heads) compute
+    what a materialised causal mask over repeated heads computes."""
+    gen = torch.Generator().manual_seed(cached * 100 + length)
+    heads, kv_heads, head_dim = 6, 2, 8
+    query = torch.randn(length, heads, head_dim, generator=gen)
+    kv = torch.randn(cached + length, 2, kv_heads, head_dim, generator=gen)
+    out = llama.attend(query, kv, llama.Segment(cached=cached, length=length))
+
+    keys = kv[:, 0].repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+    values = kv[:, 1].repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+    mask = torch.arange(cached + length)[None, :] <= torch.arange(cached, cached + length)[:, None]
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(0, 1), keys, values, attn_mask=mask
+    ).transpose(0, 1)
+    assert out.shape == (length, heads, head_dim)
+    torch.testing.assert_close(out, reference)
+
+
+def test_in_place_kv_view_gives_the_same_layer_output_and_writes_the_new_kv() -> None:
+    model = loader.build(SMALL)
+    gen = torch.Generator().manual_seed(3)
+    past = torch.randn(10, 2, SMALL.num_kv_heads, SMALL.head_dim, generator=gen)
+    hidden = torch.randn(2, SMALL.hidden_size, generator=gen)
+    segments = [llama.Segment(cached=10, length=1), llama.Segment(cached=4, length=1)]
+    with torch.no_grad():
+        ref_hidden, ref_kv = model.layer_forward(0, hidden, segments, [past, past[:4]])
+        stores = [torch.zeros(16, 2, SMALL.num_kv_heads, SMALL.head_dim) for _ in segments]
+        stores[0][:10] = past
+        stores[1][:4] = past[:4]
+        views = [stores[0][:11], stores[1][:5]]
+        out_hidden, out_kv = model.layer_forward(0, hidden, segments, None, kv_out=views)
+    torch.testing.assert_close(out_hidden, ref_hidden)
+    torch.testing.assert_close(stores[0][10], ref_kv[0])
+    torch.testing.assert_close(stores[1][4], ref_kv[1])
+    with pytest.raises(ValueError, match="either cached_kv or kv_out"):
+        model.layer_forward(0, hidden, segments, [past, past], kv_out=views)
