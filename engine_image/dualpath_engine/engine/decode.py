@@ -11,13 +11,21 @@ into it from storage (this node's read queue and storage NIC) and sent to the PE
 the PE fills in every other token range (``PeLayer``). On ``PrefillDone`` the buffer is loaded onto the
 device and freed. The DE persists the prompt's Full Blocks that storage lacks, then every block that
 fills during decoding (paper section 4: "persisted right away"), and reports their hashes.
+
+Decode steps must not wait behind the KV traffic the DE read path adds (the paper's requirement that
+DualPath leaves TPOT unchanged). So the event loop only schedules: every runner call (decode steps,
+loading a sequence, reading KV back for persistence, freeing) runs in order on one device thread, and
+the byte work of a DE-side read (copying blocks into the buffer, gathering each layer for the PE) and of
+large incoming ``PeLayer`` messages runs in worker threads (numpy releases the GIL while copying).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -34,6 +42,9 @@ from dualpath_engine.scheduler import protocol
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[protocol.TaskEvent], None]
+
+OFFLOAD_BYTES = 256 * 1024
+"""Incoming ``PeLayer`` KV at least this large is copied into the DE buffer in a worker thread."""
 
 
 class ByteSender(Protocol):
@@ -92,6 +103,9 @@ class DecodeEngine:
         self._wakeup = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._persist_lock = asyncio.Lock()
+        self._device = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"{engine_config.name}-decode-device"
+        )
         self.steps_run = 0
         """Decode steps executed."""
         self.read_bytes_total = 0
@@ -103,6 +117,18 @@ class DecodeEngine:
     def engine_id(self) -> str:
         """This engine's name."""
         return self._config.name
+
+    async def _on_device(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a runner call on the device thread (calls run one at a time, in submission order)."""
+        return await asyncio.get_running_loop().run_in_executor(self._device, functools.partial(fn, *args))
+
+    def _release(self, task_id: str) -> None:
+        """Free a sequence's device KV after every runner call submitted before (fire and forget)."""
+        self._device.submit(self._runner.release, task_id)
+
+    def close(self) -> None:
+        """Stop the device thread once queued runner calls are done (the engine is shutting down)."""
+        self._device.shutdown(wait=False)
 
     def load(self) -> tuple[int, int]:
         """``(seq, tok)``: unfinished tasks and their tokens (prompt + generated)."""
@@ -161,7 +187,7 @@ class DecodeEngine:
         if task is not None:
             task.outbox.abort()
             if task.decoding:
-                self._runner.release(task_id)
+                self._release(task_id)
 
     async def handle(self, message: messages.Message) -> None:
         """A message from a prefill engine."""
@@ -169,6 +195,14 @@ class DecodeEngine:
         if task is None:
             if message.task_id not in self._finished:
                 self._early.setdefault(message.task_id, []).append(message)
+            return
+        if isinstance(message, messages.PeLayer) and message.data.nbytes >= OFFLOAD_BYTES:
+            # The transport delivers a peer's messages one at a time, so the copy finishes before the
+            # next message (and the final PrefillDone) of this task is accepted.
+            buffer = task.buffer
+            if buffer is not None:
+                end = message.start + message.data.shape[0]
+                await asyncio.to_thread(_copy_rows, buffer, message.layer, message.start, end, message.data)
             return
         self._accept(task, message)
 
@@ -200,21 +234,32 @@ class DecodeEngine:
             results = [storage.ReadResult.INVALID] * len(indices)
         valid = [i for i, result in zip(indices, results, strict=True) if result is storage.ReadResult.HIT]
         blocks = {i: out for i, out in zip(indices, outs, strict=True)}
-        tokens = self._geometry.block_tokens
-        prompt = len(task.assignment.prompt_token_ids)
-        for index in valid:
-            end = min((index + 1) * tokens, prompt)
-            buffer[:, index * tokens : end] = blocks[index][:, : end - index * tokens]
+        layers = await asyncio.to_thread(self._assemble, buffer, valid, blocks, task.assignment)
         task.read_bytes_de = len(valid) * self._geometry.full_block_bytes
         self.read_bytes_total += task.read_bytes_de
         task.outbox.put(messages.HitReport(task.task_id, tuple(valid)))
-        for layer in range(self._geometry.num_layers):
-            data = (
-                np.concatenate([blocks[i][layer] for i in valid])
-                if valid
-                else np.zeros((0, self._geometry.bytes_per_token_layer), np.uint8)
-            )
+        for layer, data in enumerate(layers):
             task.outbox.put(messages.DeLayer(task.task_id, layer, tuple(valid), data))
+
+    def _assemble(
+        self,
+        buffer: layout.ByteArray,
+        valid: list[int],
+        blocks: dict[int, layout.ByteArray],
+        assignment: protocol.Assignment,
+    ) -> list[layout.ByteArray]:
+        """(worker thread) Copy the valid blocks into the DE buffer; gather each layer for the PE."""
+        tokens = self._geometry.block_tokens
+        prompt = len(assignment.prompt_token_ids)
+        for index in valid:
+            end = min((index + 1) * tokens, prompt)
+            buffer[:, index * tokens : end] = blocks[index][:, : end - index * tokens]
+        if not valid:
+            empty = np.zeros((0, self._geometry.bytes_per_token_layer), np.uint8)
+            return [empty] * self._geometry.num_layers
+        return [
+            np.concatenate([blocks[i][layer] for i in valid]) for layer in range(self._geometry.num_layers)
+        ]
 
     async def _watchdog(self, task: _Task) -> None:
         """Give a task up if its prefill never completes (the PE died): the scheduler retries it."""
@@ -227,29 +272,35 @@ class DecodeEngine:
 
     async def run(self) -> None:
         """The engine loop; runs until cancelled."""
-        while True:
-            self._start_ready()
-            active = [t for t in self._tasks.values() if t.decoding]
-            if not active:
-                self._wakeup.clear()
-                if not any(t.done is not None and not t.decoding for t in self._tasks.values()):
-                    await self._wakeup.wait()
-                continue
-            steps = [(t.task_id, t.generated[-1]) for t in active]
-            outputs = await asyncio.to_thread(self._runner.decode, steps)
-            self.steps_run += 1
-            for task, token in zip(active, outputs, strict=True):
-                if task.task_id in self._tasks:
-                    self._advance(task, token)
-            await asyncio.sleep(0)
+        try:
+            while True:
+                await self._start_ready()
+                active = [t for t in self._tasks.values() if t.decoding]
+                if not active:
+                    self._wakeup.clear()
+                    if not any(t.done is not None and not t.decoding for t in self._tasks.values()):
+                        await self._wakeup.wait()
+                    continue
+                steps = [(t.task_id, t.generated[-1]) for t in active]
+                outputs = await self._on_device(self._runner.decode, steps)
+                self.steps_run += 1
+                for task, token in zip(active, outputs, strict=True):
+                    if task.task_id in self._tasks:
+                        self._advance(task, token)
+                await asyncio.sleep(0)
+        finally:
+            self.close()
 
-    def _start_ready(self) -> None:
+    async def _start_ready(self) -> None:
         for task in list(self._tasks.values()):
             if task.done is None or task.decoding or task.buffer is None:
                 continue
             sampling = tasks.sampling_of(task.assignment.sampling, task.task_id)
-            self._runner.load_sequence(task.task_id, task.buffer, sampling)
-            task.buffer = None
+            buffer, task.buffer = task.buffer, None
+            await self._on_device(self._runner.load_sequence, task.task_id, buffer, sampling)
+            if self._tasks.get(task.task_id) is not task:  # cancelled or failed while loading
+                self._release(task.task_id)
+                continue
             task.decoding = True
             self._spawn(task.outbox.close())
             self._advance(task, task.done.first_token)
@@ -265,7 +316,9 @@ class DecodeEngine:
             task.generated.append(token)
             if len(task.generated) >= sampling.max_tokens:
                 finish = "length"
-        self._spawn(self._persist(task))
+        filled = (len(task.assignment.prompt_token_ids) + len(task.generated)) // self._geometry.block_tokens
+        if filled > task.persisted and finish is None:
+            self._spawn(self._persist(task))  # a Full Block may have filled: persist it right away
         self._emit(task, finish)
         if finish is not None:
             self._tasks.pop(task.task_id, None)
@@ -277,7 +330,7 @@ class DecodeEngine:
         its final event (else the scheduler would never learn of them and a rerun would miss them)."""
         await self._persist(task)
         async with self._persist_lock:
-            self._runner.release(task.task_id)
+            self._release(task.task_id)
         if task.new_hashes:
             hashes, task.new_hashes = tuple(task.new_hashes), []
             self._events(
@@ -313,7 +366,7 @@ class DecodeEngine:
             if not task.decoding:
                 return
             try:
-                length = self._runner.sequence_length(task.task_id)
+                length = await self._on_device(self._runner.sequence_length, task.task_id)
             except runner_api.RunnerError:
                 return
             tokens = [*task.assignment.prompt_token_ids, *task.generated][:length]
@@ -327,7 +380,9 @@ class DecodeEngine:
                 block = task.hashes[index]
                 if not await self._reads.store.contains(block):
                     start = index * block_tokens
-                    data = self._runner.read_kv(task.task_id, start, start + block_tokens)
+                    data = await self._on_device(
+                        self._runner.read_kv, task.task_id, start, start + block_tokens
+                    )
                     if self._storage_nic is not None and self._config.mode != "oracle":
                         await self._storage_nic.transmit(self._geometry.full_block_bytes)
                     if await self._reads.store.write(block, data):
@@ -342,7 +397,7 @@ class DecodeEngine:
         self._finished.add(task_id)
         task.outbox.abort()
         if task.decoding:
-            self._runner.release(task_id)
+            self._release(task_id)
         log.warning("%s: decode failed: %s", task_id, reason)
         self._events(protocol.TaskEvent(task_id=task_id, engine_id=self.engine_id, error=reason))
         if notify_peer:
@@ -353,3 +408,8 @@ class DecodeEngine:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _copy_rows(buffer: layout.ByteArray, layer: int, start: int, end: int, data: layout.ByteArray) -> None:
+    """(worker thread) Place a PE layer's token rows into the DE buffer."""
+    buffer[layer, start:end] = data

@@ -20,6 +20,7 @@ Without CUDA every constructor raises :class:`CudaUnavailableError` with the rea
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ctypes
 import glob
@@ -378,11 +379,13 @@ class CudaIpcTransport(base.Transport):
 
     The sender stages each payload on its GPU (host payloads are copied H2D; :meth:`send_device` takes
     device tensors as they are), exports a CUDA IPC handle and sends the handle as a frame of
-    ``transfer.tcp``; the receiver opens the handle and copies peer GPU -> its own GPU (NVLink P2P when
-    the GPUs differ), synchronises, then hands the tensor to a :class:`DeviceSink` or, for a plain
-    ``TransferSink``, the bytes after a D2H copy. The TCP acknowledgement comes after that copy, so the
-    sender frees its staging only once the receiver is done. Payload bytes are counted (and paced when
-    emulated) on the compute NICs of both ends.
+    ``transfer.tcp``; the receiver opens the handle and copies from the peer GPU: to its own GPU (NVLink
+    P2P when the GPUs differ) for a :class:`DeviceSink`, or straight into pinned host memory for a plain
+    ``TransferSink`` (one copy, no device round trip). The TCP acknowledgement comes after that copy, so
+    the sender frees its staging only once the receiver is done. Copies run on the transport's own CUDA
+    stream and are waited for in a worker thread: the event loop (and the engine's decode steps on it)
+    never blocks on a device synchronise. Payload bytes are counted (and paced when emulated) on the
+    compute NICs of both ends.
     """
 
     kind = "cuda"
@@ -405,6 +408,7 @@ class CudaIpcTransport(base.Transport):
             _CountingOnly(), host=host, port=port, connect_timeout_s=connect_timeout_s
         )
         self._sink: base.TransferSink | DeviceSink | None = None
+        self._stream: torch.cuda.Stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
 
     async def start(self, sink: base.TransferSink) -> base.PeerAddress:
         self._sink = sink
@@ -416,11 +420,20 @@ class CudaIpcTransport(base.Transport):
     async def send(
         self, peer: base.PeerAddress, items: Sequence[tuple[base.TransferMeta, base.ByteArray | bytes]]
     ) -> None:
-        staged = []
-        for meta, payload in items:
-            host = np.frombuffer(payload, np.uint8) if isinstance(payload, bytes) else payload.reshape(-1)
-            staged.append((meta, torch.from_numpy(np.array(host, copy=True)).to(self.device)))
-        await self.send_device(peer, staged)
+        def stage() -> list[tuple[base.TransferMeta, torch.Tensor]]:
+            staged = []
+            with torch.cuda.stream(self._stream):
+                for meta, payload in items:
+                    if isinstance(payload, bytes):
+                        host = np.frombuffer(payload, np.uint8)
+                    else:
+                        host = payload.reshape(-1)
+                    source = torch.from_numpy(np.ascontiguousarray(host).view(np.uint8)).pin_memory()
+                    staged.append((meta, source.to(self.device, non_blocking=True)))
+            self._stream.synchronize()
+            return staged
+
+        await self.send_device(peer, await asyncio.to_thread(stage))
 
     async def send_device(
         self, peer: base.PeerAddress, items: Sequence[tuple[base.TransferMeta, torch.Tensor]]
@@ -434,27 +447,38 @@ class CudaIpcTransport(base.Transport):
             await self.nic.transmit(flat.numel())
             frames.append((meta, export_handle(flat)))
             total += flat.numel()
-        torch.cuda.current_stream(self.device).synchronize()  # staged data complete before the peer reads
+        stream = torch.cuda.current_stream(self.device)
+        await asyncio.to_thread(stream.synchronize)  # staged data complete before the peer reads
         await self._control.send(peer, frames)
         self.metrics.sent(total, time.perf_counter() - started)
         torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]  # free staging the peer has released
 
     async def _receive(self, meta: base.TransferMeta, description: bytes) -> None:
         started = time.perf_counter()
-        source = open_handle(description)
-        local = torch.empty(source.shape, dtype=source.dtype, device=self.device)
-        local.copy_(source)
-        torch.cuda.current_stream(self.device).synchronize()
-        del source
-        await self.nic.receive(local.numel())
-        self.metrics.received(local.numel(), time.perf_counter() - started)
         sink = self._sink
         if sink is None:
             raise RuntimeError("transport not started")
-        if hasattr(sink, "deliver_device"):
-            await typing.cast(DeviceSink, sink).deliver_device(meta, local)
+        on_device = hasattr(sink, "deliver_device")
+
+        def copy() -> torch.Tensor | bytes:
+            source = open_handle(description)
+            with torch.cuda.stream(self._stream):
+                if on_device:
+                    local = torch.empty(source.shape, dtype=source.dtype, device=self.device)
+                else:
+                    local = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+                local.copy_(source, non_blocking=True)
+            self._stream.synchronize()
+            return local if on_device else local.numpy().tobytes()
+
+        received = await asyncio.to_thread(copy)
+        nbytes = len(received) if isinstance(received, bytes) else received.numel()
+        await self.nic.receive(nbytes)
+        self.metrics.received(nbytes, time.perf_counter() - started)
+        if isinstance(received, bytes):
+            await typing.cast(base.TransferSink, sink).deliver(meta, received)
         else:
-            await sink.deliver(meta, local.cpu().numpy().tobytes())
+            await typing.cast(DeviceSink, sink).deliver_device(meta, received)
 
 
 class _Receiver:

@@ -152,7 +152,8 @@ class TcpTransport(base.Transport):
                 for position, (meta, payload) in enumerate(frames):
                     last = position == len(frames) - 1
                     await self.nic.transmit(len(payload))
-                    self._write_frame(connection.writer, meta, payload, ack=last)
+                    crc = await checksum(payload) if self._checksum else 0
+                    self._write_frame(connection.writer, meta, payload, crc, ack=last)
                     await connection.writer.drain()
                     total += len(payload)
                 status, message = await asyncio.wait_for(self._read_ack(connection.reader), self._ack_timeout)
@@ -188,11 +189,16 @@ class TcpTransport(base.Transport):
         await connection.close()
 
     def _write_frame(
-        self, writer: asyncio.StreamWriter, meta: base.TransferMeta, payload: memoryview, *, ack: bool
+        self,
+        writer: asyncio.StreamWriter,
+        meta: base.TransferMeta,
+        payload: memoryview,
+        crc: int,
+        *,
+        ack: bool,
     ) -> None:
         request = meta.request_id.encode()
         flags = (_FLAG_CRC if self._checksum else 0) | (_FLAG_ACK if ack else 0)
-        crc = zlib.crc32(payload) if self._checksum else 0
         header = _FRAME.pack(
             _FRAME_MAGIC,
             _VERSION,
@@ -259,7 +265,7 @@ class TcpTransport(base.Transport):
         crc: int,
     ) -> str | None:
         where = f"request {request_id} layer {layer} block {block}"
-        if flags & _FLAG_CRC and zlib.crc32(payload) != crc:
+        if flags & _FLAG_CRC and await checksum(payload) != crc:
             return f"checksum mismatch for {where}"
         try:
             meta = base.TransferMeta(request_id=request_id, layer=layer, block_index=block, tokens=tokens)
@@ -267,6 +273,18 @@ class TcpTransport(base.Transport):
         except Exception as exc:
             return f"{where}: {type(exc).__name__}: {exc}"
         return None
+
+
+OFFLOAD_CHECKSUM_BYTES = 256 * 1024
+"""Payloads at least this large are checksummed in a worker thread (zlib releases the GIL), so a
+multi-megabyte KV layer never stalls the engine's event loop (and its decode steps)."""
+
+
+async def checksum(payload: bytes | memoryview) -> int:
+    """CRC-32 of a payload, off the event loop when it is large."""
+    if len(payload) >= OFFLOAD_CHECKSUM_BYTES:
+        return await asyncio.to_thread(zlib.crc32, payload)
+    return zlib.crc32(payload)
 
 
 async def _read_payload(reader: asyncio.StreamReader, size: int) -> bytes:
