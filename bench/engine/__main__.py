@@ -113,6 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI-sized CPU variant (with --cpu)")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--out", default="bench/out/engine", help="directory for results.json, summary.md")
+    parser.add_argument(
+        "--storage-budget",
+        type=float,
+        metavar="MB_PER_S",
+        help="replays: every node's emulated storage-NIC budget in MB/s (default: the preset's)",
+    )
     args = parser.parse_args(args_list)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
@@ -123,6 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cpu or not torch.cuda.is_available():
         name = "cpu-quick" if args.quick else "cpu"
     cfg = settings.preset(name, gpus=torch.cuda.device_count() if name == "gpu" else 0)
+    if args.storage_budget is not None:
+        if args.storage_budget <= 0:
+            print("error: --storage-budget must be > 0 MB/s", file=sys.stderr)
+            return 2
+        replay_cfg = cfg.replay.model_copy(update={"storage_budget_bytes_per_s": args.storage_budget * 1e6})
+        cfg = cfg.model_copy(update={"replay": replay_cfg})
     results = run(cfg, only, pathlib.Path(args.out), args_list)
     print(report.markdown(results))
     return 1 if any("error" in data for data in results["sections"].values()) else 0

@@ -30,8 +30,13 @@ from tests.cluster import processes as procs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL_NAME = "bench"
-POLICY = {"basic": "pe-only", "dualpath": "dualpath", "oracle": "dualpath"}
-"""Scheduler read-side policy of each engine mode."""
+POLICY = {"basic": "pe-only", "dualpath": "dualpath", "dualpath-paper": "dualpath", "oracle": "dualpath"}
+"""Scheduler read-side policy of each benchmark mode."""
+ENGINE_MODE = {"basic": "basic", "dualpath": "dualpath", "dualpath-paper": "dualpath", "oracle": "oracle"}
+"""The engines' ``mode`` of each benchmark mode."""
+TIE_BREAK = {"dualpath": "least_read", "dualpath-paper": "prefill"}
+"""Read-side tie-break of the DualPath modes: ``dualpath`` is the product's setting (ties go to the
+node that has read less), ``dualpath-paper`` the paper's rule as written (ties go to the prefill side)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +117,7 @@ def _engine_config(
         "node_name": f"node-{name}",
         "port": 0,
         "scheduler_url": url,
-        "mode": mode,
+        "mode": ENGINE_MODE[mode],
         "device": "cuda" if gpu is not None else "cpu",
         "local_rank": gpu or 0,
         "model": model_config(cfg),
@@ -149,6 +154,8 @@ def cluster(
             "model": model_config(cfg),
             "kv": kv,
         }
+        if mode in TIE_BREAK:
+            sched["read_side_tie_break"] = TIE_BREAK[mode]
         command = [sys.executable, "-m", "dualpath_engine"]
         scheduler = procs.ReadyProcess(
             "scheduler",

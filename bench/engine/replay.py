@@ -95,6 +95,7 @@ async def offline(
         "topology": topology.model_dump(mode="json"),
         "name": topology.name,
         "ideal_ratio": (topology.prefill + topology.decode) / topology.prefill,
+        "storage_budget_bytes_per_s": cfg.storage_budget_bytes_per_s,
         "requests": sum(len(t.turns) for t in trace_),
         "modes": runs,
     }
@@ -119,6 +120,11 @@ def offline_ratios(runs: dict[str, Any]) -> dict[str, float]:
         if "basic" in runs:
             ratios["jct_basic_over_oracle"] = runs["basic"]["makespan_s"] / runs["oracle"]["makespan_s"]
     ratios["storage_max_over_avg_dualpath"] = dual["storage_max_over_avg"]
+    paper = runs.get("dualpath-paper")
+    if paper is not None:
+        if "basic" in runs:
+            ratios["jct_basic_over_dualpath_paper"] = runs["basic"]["makespan_s"] / paper["makespan_s"]
+        ratios["storage_max_over_avg_dualpath_paper"] = paper["storage_max_over_avg"]
     return ratios
 
 

@@ -102,8 +102,11 @@ def overlap(data: dict[str, Any]) -> list[str]:
 
 def offline(data: dict[str, Any]) -> list[str]:
     """One topology's modes and ratios."""
+    budget = data.get("storage_budget_bytes_per_s")
+    per_node = f", storage NIC {budget / 1e6:g} MB/s per node" if budget else ""
     lines = [
-        f"**{data['name']}** (ideal (P+D)/P = {data['ideal_ratio']:.2f}, {data['requests']} requests)",
+        f"**{data['name']}** (ideal (P+D)/P = {data['ideal_ratio']:.2f}, "
+        f"{data['requests']} requests{per_node})",
         "",
         "| Mode | JCT (makespan) s | mean TTFT s | mean TPOT ms | hit ratio | failed | storage max/avg |",
         "|---|---|---|---|---|---|---|",

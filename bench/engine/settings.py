@@ -126,8 +126,10 @@ class ReplaySettings(_Frozen):
     topologies: tuple[Topology, ...] = pydantic.Field(
         default=(Topology(),), description="Clusters to run the offline replay on."
     )
-    modes: tuple[Literal["basic", "dualpath", "oracle"], ...] = pydantic.Field(
-        default=("basic", "dualpath", "oracle"), description="Offline modes, side by side."
+    modes: tuple[Literal["basic", "dualpath", "dualpath-paper", "oracle"], ...] = pydantic.Field(
+        default=("basic", "dualpath", "oracle"),
+        description="Offline modes, side by side (``dualpath-paper``: DualPath with the paper's read-side "
+        "tie rule instead of the least-read tie-break).",
     )
     online_rates: tuple[float, ...] = pydantic.Field(
         default=(), description="Online: trajectory arrival rates (per second) to try, ascending."
@@ -193,7 +195,7 @@ def preset(name: str, *, gpus: int = 0) -> BenchSettings:
                 trajectories=2,
                 token_scale=64.0,
                 turn_scale=40.0,
-                modes=("basic", "dualpath"),
+                modes=("basic", "dualpath", "dualpath-paper"),
                 time_limit_s=90.0,
                 online_rates=(0.5,),
                 online_duration_s=4.0,
@@ -248,6 +250,7 @@ def preset(name: str, *, gpus: int = 0) -> BenchSettings:
             device="cuda",
             replay=ReplaySettings(
                 topologies=tuple(topologies),
+                modes=("basic", "dualpath", "dualpath-paper", "oracle"),
                 storage_budget_bytes_per_s=30e6,
                 online_rates=(0.25, 0.5, 1.0, 1.5, 2.0),
                 online_duration_s=15.0,
