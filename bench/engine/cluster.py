@@ -226,6 +226,19 @@ async def nic_bytes(engine: Engine) -> dict[str, float]:
     return out
 
 
+async def decode_steps(engine: Engine) -> dict[str, float]:
+    """``{steps, compute, queue, host}``: decode steps run and seconds by part (engine counters)."""
+    text = await asyncio.to_thread(_fetch, engine.http + "/metrics")
+    out = {"steps": 0.0, "compute": 0.0, "queue": 0.0, "host": 0.0}
+    for family in parser.text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dualpath_engine_decode_step_seconds_total":
+                out[sample.labels["part"]] += sample.value
+            elif sample.name == "dualpath_engine_steps_total" and sample.labels.get("role") == "decode":
+                out["steps"] += sample.value
+    return out
+
+
 def _fetch(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         return str(response.read().decode())

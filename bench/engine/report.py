@@ -118,6 +118,11 @@ def offline(data: dict[str, Any]) -> list[str]:
             f"{run['storage_max_over_avg']:.2f} |"
         )
     lines.append("")
+    for mode, run in data["modes"].items():
+        split = run.get("decode_step_ms")
+        if split:
+            parts = ", ".join(f"{key.removesuffix('_ms')} {value:.2f}" for key, value in split.items())
+            lines.append(f"- {mode}: decode step ms = {parts}")
     lines.extend(f"- {key} = {value:.3f}" for key, value in data["ratios"].items())
     return lines
 
@@ -126,17 +131,21 @@ def online(data: dict[str, Any]) -> list[str]:
     """Capacity per mode."""
     slo = data["slo"]
     lines = [
-        f"SLO: mean TTFT <= {slo['ttft_mean_s']} s, mean TPOT <= {slo['tpot_mean_s'] * 1e3:.0f} ms "
-        f"({data['topology']}).",
+        f"SLO (scaled to the model): mean TTFT <= {slo['ttft_mean_s']:.3g} s, mean TPOT <= "
+        f"{slo['tpot_mean_s'] * 1e3:.0f} ms ({data['topology']}).",
         "",
-        "| Mode | rate /s | within SLO | mean TTFT s | mean TPOT ms | requests | failed |",
-        "|---|---|---|---|---|---|---|",
+        "| Mode | rate /s | within SLO | mean TTFT s | mean TPOT ms | decode step compute/queue/host ms "
+        "| requests | failed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode, result in data["modes"].items():
         for step in result["steps"]:
+            split = step.get("decode_step_ms", {})
+            parts = "/".join(f"{split.get(f'{part}_ms', 0.0):.1f}" for part in ("compute", "queue", "host"))
             lines.append(
                 f"| {mode} | {step['rate']} | {step['within_slo']} | {step['ttft_s']['mean']:.3f} | "
-                f"{step['tpot_s']['mean'] * 1e3:.1f} | {step['requests']} | {step['failed_requests']} |"
+                f"{step['tpot_s']['mean'] * 1e3:.1f} | {parts} | {step['requests']} | "
+                f"{step['failed_requests']} |"
             )
     lines.append("")
     lines.append(

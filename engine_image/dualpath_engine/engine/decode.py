@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -69,6 +70,9 @@ class _Task:
     new_hashes: list[str] = dataclasses.field(default_factory=list)
     read_bytes_de: int = 0
     decoding: bool = False
+    kv_tokens: int = 0
+    """Tokens whose KV the device holds (the prompt once loaded, then one more per decode step)."""
+    persist_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     deadline: float = 0.0
 
     @property
@@ -102,7 +106,6 @@ class DecodeEngine:
         self._finished = tasks.RecentIds()
         self._wakeup = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
-        self._persist_lock = asyncio.Lock()
         self._device = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"{engine_config.name}-decode-device"
         )
@@ -112,6 +115,10 @@ class DecodeEngine:
         """KV bytes this engine read from storage for the DE read path."""
         self.persisted_blocks = 0
         """Full Blocks this engine wrote to storage."""
+        self.step_seconds = {"compute": 0.0, "queue": 0.0, "host": 0.0}
+        """Where decode-step time went: the runner's decode (``compute``), waiting on the device thread
+        behind loads and KV read-backs (``queue``), and the event loop between one step's result and
+        the next step's submission (``host``). TPOT = their sum per step."""
 
     @property
     def engine_id(self) -> str:
@@ -272,24 +279,40 @@ class DecodeEngine:
 
     async def run(self) -> None:
         """The engine loop; runs until cancelled."""
+        loop = asyncio.get_running_loop()
+        last: float | None = None  # when the previous step's result arrived (None: idle since)
         try:
             while True:
                 await self._start_ready()
                 active = [t for t in self._tasks.values() if t.decoding]
                 if not active:
+                    last = None
                     self._wakeup.clear()
                     if not any(t.done is not None and not t.decoding for t in self._tasks.values()):
                         await self._wakeup.wait()
                     continue
                 steps = [(t.task_id, t.generated[-1]) for t in active]
-                outputs = await self._on_device(self._runner.decode, steps)
+                submitted = loop.time()
+                if last is not None:
+                    self.step_seconds["host"] += submitted - last
+                outputs, compute = await self._on_device(self._timed_decode, steps)
+                last = loop.time()
+                self.step_seconds["compute"] += compute
+                self.step_seconds["queue"] += max(0.0, last - submitted - compute)
                 self.steps_run += 1
                 for task, token in zip(active, outputs, strict=True):
+                    task.kv_tokens += 1
                     if task.task_id in self._tasks:
                         self._advance(task, token)
                 await asyncio.sleep(0)
         finally:
             self.close()
+
+    def _timed_decode(self, steps: list[tuple[str, int]]) -> tuple[list[int], float]:
+        """(device thread) One decode step and the seconds it took."""
+        started = time.perf_counter()
+        outputs = self._runner.decode(steps)
+        return outputs, time.perf_counter() - started
 
     async def _start_ready(self) -> None:
         for task in list(self._tasks.values()):
@@ -301,6 +324,7 @@ class DecodeEngine:
             if self._tasks.get(task.task_id) is not task:  # cancelled or failed while loading
                 self._release(task.task_id)
                 continue
+            task.kv_tokens = buffer.shape[1]
             task.decoding = True
             self._spawn(task.outbox.close())
             self._advance(task, task.done.first_token)
@@ -329,7 +353,7 @@ class DecodeEngine:
         """Persist what is left of a finished sequence, free it, and report the blocks written after
         its final event (else the scheduler would never learn of them and a rerun would miss them)."""
         await self._persist(task)
-        async with self._persist_lock:
+        async with task.persist_lock:
             self._release(task.task_id)
         if task.new_hashes:
             hashes, task.new_hashes = tuple(task.new_hashes), []
@@ -361,34 +385,44 @@ class DecodeEngine:
         )
 
     async def _persist(self, task: _Task) -> None:
-        """Write every Full Block of the sequence's KV that has filled and storage lacks."""
-        async with self._persist_lock:
+        """Write every Full Block of the sequence's KV that has filled and storage lacks.
+
+        The blocks to write are read back from the device in ONE runner call (a contiguous token
+        range), so a prompt's many fresh blocks cost one trip through the device thread, not one each.
+        """
+        async with task.persist_lock:
             if not task.decoding:
                 return
-            try:
-                length = await self._on_device(self._runner.sequence_length, task.task_id)
-            except runner_api.RunnerError:
-                return
+            length = task.kv_tokens
             tokens = [*task.assignment.prompt_token_ids, *task.generated][:length]
             block_tokens = self._geometry.block_tokens
             while len(task.hashes) < length // block_tokens:
                 start = len(task.hashes) * block_tokens
                 parent = task.hashes[-1] if task.hashes else self._root
                 task.hashes.append(hashing.block_hash(parent, tokens[start : start + block_tokens]))
-            while task.persisted < len(task.hashes):
-                index = task.persisted
-                block = task.hashes[index]
-                if not await self._reads.store.contains(block):
-                    start = index * block_tokens
+            missing = [
+                index
+                for index in range(task.persisted, len(task.hashes))
+                if not await self._reads.store.contains(task.hashes[index])
+            ]
+            if missing:
+                first, end = missing[0], missing[-1] + 1
+                try:
                     data = await self._on_device(
-                        self._runner.read_kv, task.task_id, start, start + block_tokens
+                        self._runner.read_kv, task.task_id, first * block_tokens, end * block_tokens
                     )
+                except runner_api.RunnerError:
+                    return  # released meanwhile (cancelled or failed)
+                for index in missing:
+                    offset = (index - first) * block_tokens
                     if self._storage_nic is not None and self._config.mode != "oracle":
                         await self._storage_nic.transmit(self._geometry.full_block_bytes)
-                    if await self._reads.store.write(block, data):
-                        task.new_hashes.append(block.hex())
+                    if await self._reads.store.write(
+                        task.hashes[index], data[:, offset : offset + block_tokens]
+                    ):
+                        task.new_hashes.append(task.hashes[index].hex())
                         self.persisted_blocks += 1
-                task.persisted += 1
+            task.persisted = len(task.hashes)
 
     async def _fail(self, task_id: str, reason: str, *, notify_peer: bool) -> None:
         task = self._tasks.pop(task_id, None)

@@ -111,6 +111,15 @@ class _Roles:
         )
         persisted.add_metric([], self.de.persisted_blocks)
         yield persisted
+        step = core.CounterMetricFamily(
+            "dualpath_engine_decode_step_seconds",
+            "Decode-step time by part: the model's decode (compute), waiting on the device thread behind "
+            "KV loads and read-backs (queue), the event loop between steps (host).",
+            labels=["part"],
+        )
+        for part, seconds in self.de.step_seconds.items():
+            step.add_metric([part], seconds)
+        yield step
 
 
 TransportFactory = Callable[[base.Nic, base.TransportMetrics], base.Transport]

@@ -184,10 +184,12 @@ def attend(query: torch.Tensor, kv: torch.Tensor, seg: Segment) -> torch.Tensor:
     ``cached + i``), which ``scaled_dot_product_attention`` runs in a fused kernel without materialising
     a [length, keys] mask. Key/value heads are shared by head groups (``enable_gqa``), not repeated.
     """
-    keys = kv[:, 0].transpose(0, 1)
-    values = kv[:, 1].transpose(0, 1)
-    q = query.transpose(0, 1)
-    gqa = q.shape[0] != keys.shape[0]
+    # [1, heads, tokens, head_dim]: the fused kernels take 4-D inputs only (3-D falls back to the
+    # unfused math kernel, which materialises every score).
+    keys = kv[None, :, 0].transpose(1, 2)
+    values = kv[None, :, 1].transpose(1, 2)
+    q = query[None].transpose(1, 2)
+    gqa = q.shape[1] != keys.shape[1]
     if seg.length == 1:
         out = functional.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
     elif seg.cached == 0:
@@ -195,7 +197,7 @@ def attend(query: torch.Tensor, kv: torch.Tensor, seg: Segment) -> torch.Tensor:
     else:
         mask = attention_bias.causal_lower_right(seg.length, seg.cached + seg.length)
         out = functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 class Decoder(nn.Module):

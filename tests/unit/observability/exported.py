@@ -135,6 +135,7 @@ def engine_names() -> set[str]:
     de.steps_run = 0
     de.read_bytes_total = 0
     de.persisted_blocks = 0
+    de.step_seconds = {"compute": 0.0, "queue": 0.0, "host": 0.0}
     registry.register(service._Roles(pe, de, "prefill"))
     return sample_names(registry.collect())
 
