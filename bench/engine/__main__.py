@@ -22,6 +22,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import pydantic
 import torch
 
 from bench.engine import calibration, kvload, overlap, replay, report, settings
@@ -119,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="MB_PER_S",
         help="replays: every node's emulated storage-NIC budget in MB/s (default: the preset's)",
     )
+    parser.add_argument("--trajectories", type=int, help="offline replays: trajectories started at once")
+    parser.add_argument("--modes", help="offline replays: comma-separated modes (basic,dualpath,...)")
+    parser.add_argument("--online-rates", help="online: comma-separated trajectory arrival rates per second")
     args = parser.parse_args(args_list)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
@@ -129,11 +133,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cpu or not torch.cuda.is_available():
         name = "cpu-quick" if args.quick else "cpu"
     cfg = settings.preset(name, gpus=torch.cuda.device_count() if name == "gpu" else 0)
+    overrides: dict[str, Any] = {}
     if args.storage_budget is not None:
-        if args.storage_budget <= 0:
-            print("error: --storage-budget must be > 0 MB/s", file=sys.stderr)
+        overrides["storage_budget_bytes_per_s"] = args.storage_budget * 1e6
+    if args.trajectories is not None:
+        overrides["trajectories"] = args.trajectories
+    if args.modes:
+        overrides["modes"] = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
+    if args.online_rates:
+        overrides["online_rates"] = tuple(float(rate) for rate in args.online_rates.split(","))
+    if overrides:
+        try:  # validated like the presets (pydantic), so a bad value names its field
+            replay_cfg = settings.ReplaySettings.model_validate({**cfg.replay.model_dump(), **overrides})
+        except (pydantic.ValidationError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
-        replay_cfg = cfg.replay.model_copy(update={"storage_budget_bytes_per_s": args.storage_budget * 1e6})
         cfg = cfg.model_copy(update={"replay": replay_cfg})
     results = run(cfg, only, pathlib.Path(args.out), args_list)
     print(report.markdown(results))

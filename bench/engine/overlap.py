@@ -58,6 +58,8 @@ def build_model(cfg: settings.OverlapSettings, device: torch.device) -> llama.De
         )
     )
     model.init_weights(0)
+    if device.type == "cuda":
+        llama.use_shape_agnostic_attention()  # as the engine's CUDA runner does
     return model.to(dtype=torch.bfloat16).to(device).eval()
 
 

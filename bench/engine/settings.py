@@ -258,8 +258,9 @@ def preset(name: str, *, gpus: int = 0) -> BenchSettings:
             replay=ReplaySettings(
                 topologies=tuple(topologies),
                 modes=("basic", "dualpath", "dualpath-paper", "oracle"),
+                trajectories=24,
                 storage_budget_bytes_per_s=30e6,
-                online_rates=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0),
+                online_rates=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5),
                 online_duration_s=15.0,
             ),
         )

@@ -175,6 +175,17 @@ class DecoderLayer(nn.Module):
         return hidden, new_kv
 
 
+def use_shape_agnostic_attention() -> None:
+    """Keep ``scaled_dot_product_attention`` off the cuDNN backend (process-wide).
+
+    cuDNN attention builds an execution plan per input shape; decoding changes the key length of every
+    sequence at every step (and prefill chunks vary), so nearly every call would pay a plan build. The
+    flash and memory-efficient kernels take any length without per-shape setup. Called by the CUDA
+    runner and the GPU benchmarks.
+    """
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def attend(query: torch.Tensor, kv: torch.Tensor, seg: Segment) -> torch.Tensor:
     """Causal GQA attention of one segment: ``query`` [length, heads, hd] over ``kv`` [cached + length,
     2, kv_heads, hd] (the new tokens last); returns [length, heads, hd].

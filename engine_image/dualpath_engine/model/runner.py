@@ -115,6 +115,8 @@ class TorchRunner:
     def __init__(self, model: llama.Decoder, device: torch.device) -> None:
         self._model = model.to(device).eval()
         self._device = device
+        if device.type == "cuda":
+            llama.use_shape_agnostic_attention()
         self._kv: dict[str, torch.Tensor] = {}
         self._len: dict[str, int] = {}
         self._sampling: dict[str, runner_api.Sampling | None] = {}
