@@ -240,6 +240,7 @@ def test_in_place_kv_view_gives_the_same_layer_output_and_writes_the_new_kv() ->
         views = [stores[0][:11], stores[1][:5]]
         out_hidden, out_kv = model.layer_forward(0, hidden, segments, None, kv_out=views)
     torch.testing.assert_close(out_hidden, ref_hidden)
+    torch.testing.assert_close(out_kv, ref_kv)
     torch.testing.assert_close(stores[0][10], ref_kv[0])
     torch.testing.assert_close(stores[1][4], ref_kv[1])
     with pytest.raises(ValueError, match="either cached_kv or kv_out"):
