@@ -131,7 +131,8 @@ class DecodeEngine:
 
     def _release(self, task_id: str) -> None:
         """Free a sequence's device KV after every runner call submitted before (fire and forget)."""
-        self._device.submit(self._runner.release, task_id)
+        with contextlib.suppress(RuntimeError):  # the device thread is shut down: the engine is stopping
+            self._device.submit(self._runner.release, task_id)
 
     def close(self) -> None:
         """Stop the device thread once queued runner calls are done (the engine is shutting down)."""
