@@ -231,3 +231,31 @@ async def test_sampled_generation_across_pe_and_de_is_seeded_and_reproducible(pa
         expected.append(token)
         ids.append(token)
     assert first == expected
+
+
+async def test_fresh_prompt_blocks_persist_with_one_device_read_back(pair_factory: object) -> None:
+    """The decode engine writes a prompt's fresh Full Blocks right after prefill, reading them back from
+    the device in one runner call (one call per block queued each behind a decode step, so a next turn
+    arriving soon missed its prefix), and accounts its decode-step time."""
+    assert callable(pair_factory)
+    pair: Pair = pair_factory()
+    runner = pair.de._runner
+    calls: list[tuple[int, int]] = []
+    read_kv = runner.read_kv
+
+    def recording(seq_id: str, start: int, end: int) -> np.ndarray:
+        calls.append((start, end))
+        return read_kv(seq_id, start, end)
+
+    runner.read_kv = recording  # type: ignore[method-assign]
+    prompt = tok.encode("five full blocks of prompt, every one of them new to the store. " * 2, bos=True)
+    prompt = prompt[: 5 * BLOCK]
+    assert len(prompt) == 5 * BLOCK
+    await pair.generate("p1", prompt, 3, "pe")
+    chain = hashing.chain_hashes(prompt, BLOCK, pair.root)
+    assert all(pair.store.path_of(block).exists() for block in chain)
+    assert calls == [(0, 5 * BLOCK)]
+    persisted = [h for e in pair.events if e.task_id == "p1" for h in e.persisted_block_hashes]
+    assert sorted(persisted) == sorted(block.hex() for block in chain)
+    assert pair.de.steps_run >= 2
+    assert pair.de.step_seconds["compute"] > 0
