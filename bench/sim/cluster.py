@@ -74,6 +74,8 @@ class Simulation:
         }
         self._private_tokens: collections.Counter[str] = collections.Counter()
         self._rq = {n.name: 0 for n in self.nodes}
+        self._read_tokens = {n.name: 0.0 for n in self.nodes}
+        """Hit tokens planned per node so far (the ``least_read`` tie-break's input, as in the scheduler)."""
         """``rq`` kept up to date as reads are queued and finish (no copy per decision)."""
         self.finished: list[Request] = []
         self._tick_at: float | None = None
@@ -320,7 +322,11 @@ class Simulation:
             float(self.kvb),
             self.capacity,
             self.cfg.hardware.snic_bytes_per_s,
+            tie_break=self.cfg.read_side_tie_break,
+            read_tokens=self._read_tokens,
         )
+        self._read_tokens[pe_node.name] += plan.pe_tokens
+        self._read_tokens[de_node.name] += plan.de_tokens
         request.pe_hit_tokens, request.de_hit_tokens = plan.pe_tokens, plan.de_tokens
         self.counters["pe_path_bytes"] += plan.pe_tokens * self.kvb
         self.counters["de_path_bytes"] += plan.de_tokens * self.kvb

@@ -136,6 +136,11 @@ class SimConfig(pydantic.BaseModel):
     split_reads: bool = pydantic.Field(
         default=False, description="Extension: divide a request's hit blocks between both sides."
     )
+    read_side_tie_break: Literal["prefill", "least_read"] = pydantic.Field(
+        default="prefill",
+        description="Equal read queues: prefill = the PE side (paper); least_read = the node assigned "
+        "fewer read tokens so far (the scheduler's extension).",
+    )
     cluster: Cluster = pydantic.Field(default_factory=Cluster, description="Node counts and NIC health.")
     hardware: Hardware = pydantic.Field(default_factory=Hardware, description="Links and memory.")
     cost: CostModel = pydantic.Field(default_factory=CostModel, description="Geometry and compute fits.")

@@ -169,3 +169,19 @@ def test_split_reads_divide_requests_between_both_sides() -> None:
     whole = cluster.Simulation(config.SimConfig(cluster=cfg.cluster), population)
     whole.run()
     assert all(not (r.pe_hit_tokens and r.de_hit_tokens) for r in whole.finished)
+
+
+def test_least_read_tie_break_evens_storage_bytes_under_light_load() -> None:
+    """With few agents the read queues are often both empty: the paper's rule gives every such tie to
+    the prefill node, the least-read tie-break to the node that has read less (same JCT)."""
+    population = agents(8, context=30_000, turns=4)
+    paper = simulate("dualpath", 1, 2, population)
+    least = simulate("dualpath", 1, 2, population, read_side_tie_break="least_read")
+
+    def max_over_avg(reads: dict[str, float]) -> float:
+        return max(reads.values()) * len(reads) / sum(reads.values())
+
+    assert sum(least.snic_read_bytes.values()) == pytest.approx(sum(paper.snic_read_bytes.values()))
+    assert least.snic_read_bytes["node-0"] < paper.snic_read_bytes["node-0"]  # node-0: the PE node
+    assert max_over_avg(least.snic_read_bytes) < max_over_avg(paper.snic_read_bytes) - 0.1
+    assert least.completed and paper.completed
