@@ -428,7 +428,9 @@ class CudaIpcTransport(base.Transport):
                         host = np.frombuffer(payload, np.uint8)
                     else:
                         host = payload.reshape(-1)
-                    source = torch.from_numpy(np.ascontiguousarray(host).view(np.uint8)).pin_memory()
+                    flat = np.ascontiguousarray(host).view(np.uint8).reshape(-1)
+                    source = torch.empty(flat.size, dtype=torch.uint8, pin_memory=True)
+                    source.numpy()[:] = flat  # one host copy into pinned memory (bytes are read-only)
                     staged.append((meta, source.to(self.device, non_blocking=True)))
             self._stream.synchronize()
             return staged
