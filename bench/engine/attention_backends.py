@@ -1,0 +1,91 @@
+"""Decode-step time of the engine's CUDA runner under each ``scaled_dot_product_attention`` backend.
+
+A diagnostic (not part of the preset run): ``python -m bench.engine.attention_backends [--device N]`` on
+the GPU machine prints milliseconds per decode step for 16 sequences of ~3,000 tokens with cuDNN
+allowed, cuDNN off (what the engine runs since ``llama.use_shape_agnostic_attention``), and flash,
+memory-efficient and math alone. It measured why the runner keeps SDPA off cuDNN (docs/benchmarks.md,
+"What was fixed", item 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dualpath_engine import config
+from dualpath_engine.model import loader
+from dualpath_engine.model import runner as torch_runner
+
+MODEL = config.ModelConfig(
+    num_layers=8,
+    hidden_size=64,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=64,
+    intermediate_size=128,
+    dtype="bfloat16",
+    vocab_size=263,
+    max_context_tokens=8192,
+)
+"""The replay benchmark's model (bench/engine/settings.py ReplaySettings defaults)."""
+
+
+@contextlib.contextmanager
+def _cudnn(allowed: bool) -> Iterator[None]:
+    before = torch.backends.cuda.cudnn_sdp_enabled()  # type: ignore[no-untyped-call]
+    torch.backends.cuda.enable_cudnn_sdp(allowed)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+CHOICES: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "cudnn allowed": lambda: _cudnn(True),
+    "cudnn off (the engine)": lambda: _cudnn(False),
+    "flash only": lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]),
+    "memory-efficient only": lambda: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]),
+    "math only": lambda: sdpa_kernel([SDPBackend.MATH]),
+}
+
+
+def step_ms(
+    device: torch.device, choice: Callable[[], contextlib.AbstractContextManager[None]], steps: int = 20
+) -> float:
+    """Mean decode-step time (ms) of 16 sequences whose lengths differ (as in serving)."""
+    runner = torch_runner.TorchRunner(loader.build(MODEL), device)
+    width = runner.kv_bytes_per_token_layer
+    batch = [(f"s{i}", 5) for i in range(16)]
+    for i, (seq, _) in enumerate(batch):
+        runner.load_sequence(seq, np.zeros((MODEL.num_layers, 3000 + 37 * i, width), np.uint8))
+    with choice():
+        runner.decode(batch)
+        started = time.perf_counter()
+        for _ in range(steps):
+            runner.decode(batch)
+        return (time.perf_counter() - started) / steps * 1e3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print one line per backend choice; 2 without CUDA."""
+    parser = argparse.ArgumentParser(prog="python -m bench.engine.attention_backends", description=__doc__)
+    parser.add_argument("--device", type=int, default=0, help="CUDA device index")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: needs CUDA (run it on the GPU machine)", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", args.device)
+    for label, choice in CHOICES.items():
+        print(f"{label}: {step_ms(device, choice):.2f} ms per decode step", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
