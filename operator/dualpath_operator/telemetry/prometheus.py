@@ -24,14 +24,13 @@ import datetime as dt
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 
 from dualpath_operator.api.v1alpha1 import rebalancing
 from dualpath_operator.planning import telemetry as types
-from dualpath_operator.telemetry import sample
+from dualpath_operator.telemetry import sample, session
 
 SNIC = 'device=~"$storage_devices"'
 CNIC = 'device=~"$compute_devices"'
@@ -115,7 +114,7 @@ class QueryError(Exception):
     """A query that returned no usable answer; the message is the problem text."""
 
 
-class PrometheusCollector:
+class PrometheusCollector(session.SessionOwner):
     """Samples a cluster's telemetry from one Prometheus server (one aiohttp session, reused)."""
 
     def __init__(
@@ -128,21 +127,7 @@ class PrometheusCollector:
         self.base_url = base_url.rstrip("/")
         self.settings = settings or sample.CollectorSettings()
         self.queries = queries or PrometheusQueries()
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Close the HTTP session."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        super().__init__()
 
     def render(self, template: str, window_s: float) -> str:
         """A template with its placeholders filled."""
@@ -161,12 +146,10 @@ class PrometheusCollector:
 
     async def query(self, promql: str) -> list[Series]:
         """One instant query; raises :class:`QueryError` with a problem text on any failure."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
         timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout_s)
         url = f"{self.base_url}/api/v1/query"
         try:
-            async with self._session.get(url, params={"query": promql}, timeout=timeout) as response:
+            async with self.session().get(url, params={"query": promql}, timeout=timeout) as response:
                 text = await response.text()
         except TimeoutError as exc:
             raise QueryError(

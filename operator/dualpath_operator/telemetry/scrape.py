@@ -30,14 +30,12 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from types import TracebackType
-from typing import Self
 
 import aiohttp
 from prometheus_client import parser
 
 from dualpath_operator.planning import telemetry as types
-from dualpath_operator.telemetry import rates, sample
+from dualpath_operator.telemetry import rates, sample, session
 
 Labels = tuple[tuple[str, str], ...]
 """Sorted label pairs of one series."""
@@ -129,7 +127,7 @@ class History:
         return math.nan if found is None else found
 
 
-class ScrapeCollector:
+class ScrapeCollector(session.SessionOwner):
     """Scrapes engine (and scheduler) ``/metrics`` and keeps a history per URL for rates."""
 
     def __init__(
@@ -143,30 +141,14 @@ class ScrapeCollector:
         self.scheduler_url = scheduler_url
         self._clock = clock
         self._history: dict[str, History] = {}
-        self._session: aiohttp.ClientSession | None = None
+        super().__init__()
         self._storage = re.compile(self.settings.storage_device_regex)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Close the HTTP session."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def _fetch(self, url: str, window_s: float) -> str | None:
         """Scrape ``url`` into its history; returns a problem text instead of raising."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
         timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout_s)
         try:
-            async with self._session.get(url, timeout=timeout) as response:
+            async with self.session().get(url, timeout=timeout) as response:
                 text = await response.text()
                 if response.status != 200:
                     return f"{url} answered HTTP {response.status}"
