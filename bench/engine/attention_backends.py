@@ -19,21 +19,12 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench.engine import cluster, settings
 from dualpath_engine import config
 from dualpath_engine.model import loader
 from dualpath_engine.model import runner as torch_runner
 
-MODEL = config.ModelConfig(
-    num_layers=8,
-    hidden_size=64,
-    num_heads=4,
-    num_kv_heads=4,
-    head_dim=64,
-    intermediate_size=128,
-    dtype="bfloat16",
-    vocab_size=263,
-    max_context_tokens=8192,
-)
+MODEL = config.ModelConfig.model_validate(cluster.model_config(settings.ReplaySettings()))
 """The replay benchmark's model (bench/engine/settings.py ReplaySettings defaults)."""
 
 
