@@ -1,8 +1,8 @@
 """Agentic trajectories for the simulator: turn lengths only, shaped like the paper's Table 2.
 
 Called by ``bench.sim.scenarios`` and the tests. It reuses the engine's trace generator's shape
-(``dualpath_engine.workload.trace.TraceShape``, ``TABLE2`` and ``scaled_means``) and draws the same
-log-normal lengths, but keeps only lengths: the simulator needs no token ids, and drawing ids for
+(``dualpath_engine.workload.trace.TraceShape``, ``TABLE2``) and draws the same
+log-normal lengths through ``trace.draw_turns``, but keeps only lengths: the simulator needs no token ids, and drawing ids for
 thousands of full-size trajectories would cost minutes.
 
 Windows: a full 64K trajectory has 157 turns on average. To keep a run short while keeping the
@@ -19,7 +19,6 @@ dualpath-paper.md 10.2).
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -43,31 +42,9 @@ class Agent:
     turns: tuple[Turn, ...]
 
 
-def _lognormal(rng: random.Random, mean: float, sigma: float) -> int:
-    if sigma == 0:
-        return max(1, round(mean))
-    mu = math.log(mean) - sigma * sigma / 2
-    return max(1, round(rng.lognormvariate(mu, sigma)))
-
-
 def trajectory_lengths(shape: trace.TraceShape, rng: random.Random) -> list[Turn]:
-    """One trajectory's turns, with the distributions ``trace.generate`` uses (no token ids)."""
-    max_len, mean_turns, mean_append, mean_gen = trace.scaled_means(shape)
-    wanted = _lognormal(rng, mean_turns, shape.spread)
-    turns: list[Turn] = []
-    context = 0
-    for index in range(wanted):
-        mean = mean_append * (shape.first_append_factor if index == 0 else 1.0)
-        append = _lognormal(rng, mean, shape.spread)
-        gen = _lognormal(rng, mean_gen, shape.spread)
-        if index == 0:
-            append = min(append, max(1, max_len - 2))
-            gen = min(gen, max(1, max_len - append))
-        elif context + append + gen > max_len:
-            break
-        turns.append(Turn(append, gen))
-        context += append + gen
-    return turns
+    """One trajectory's turns, with the lengths ``trace.generate`` draws (no token ids)."""
+    return [Turn(append, gen) for append, gen in trace.draw_turns(shape, rng, lambda count: count)]
 
 
 def agents(

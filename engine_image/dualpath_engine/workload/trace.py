@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import pydantic
 
@@ -105,29 +106,47 @@ def _lognormal(rng: random.Random, mean: float, sigma: float) -> int:
     return max(1, round(rng.lognormvariate(mu, sigma)))
 
 
+T = TypeVar("T")
+
+
+def draw_turns(shape: TraceShape, rng: random.Random, tokens: Callable[[int], T]) -> list[tuple[T, int]]:
+    """One trajectory's turns as ``(tokens(append_length), generated)``, drawn from ``rng``.
+
+    ``tokens`` is called where ``generate`` draws a turn's token ids, so a caller that keeps lengths
+    only (the simulator: ``tokens=lambda n: n``) walks the same sequence of lengths.
+    """
+    max_len, mean_turns, mean_append, mean_gen = scaled_means(shape)
+    wanted = _lognormal(rng, mean_turns, shape.spread)
+    turns: list[tuple[T, int]] = []
+    context = 0
+    for index in range(wanted):
+        mean = mean_append * (shape.first_append_factor if index == 0 else 1.0)
+        append = _lognormal(rng, mean, shape.spread)
+        gen = _lognormal(rng, mean_gen, shape.spread)
+        if index == 0:
+            append = min(append, max(1, max_len - 2))
+            gen = min(gen, max(1, max_len - append))
+        elif context + append + gen > max_len:
+            break
+        turns.append((tokens(append), gen))
+        context += append + gen
+    return turns
+
+
 def generate(shape: TraceShape) -> list[Trajectory]:
     """The trace for ``shape`` (deterministic in ``shape.seed``)."""
     rng = random.Random(shape.seed)
-    max_len, mean_turns, mean_append, mean_gen = scaled_means(shape)
-    trajectories = []
-    for index in range(shape.trajectories):
-        wanted = _lognormal(rng, mean_turns, shape.spread)
-        turns: list[Turn] = []
-        context = 0
-        for turn_index in range(wanted):
-            mean = mean_append * (shape.first_append_factor if turn_index == 0 else 1.0)
-            append = _lognormal(rng, mean, shape.spread)
-            gen = _lognormal(rng, mean_gen, shape.spread)
-            if turn_index == 0:
-                append = min(append, max(1, max_len - 2))
-                gen = min(gen, max(1, max_len - append))
-            elif context + append + gen > max_len:
-                break
-            tokens = tuple(rng.randint(TOKEN_LOW, TOKEN_HIGH) for _ in range(append))
-            turns.append(Turn(tokens, gen))
-            context += append + gen
-        trajectories.append(Trajectory(f"traj-{shape.seed}-{index}", tuple(turns)))
-    return trajectories
+
+    def token_ids(count: int) -> tuple[int, ...]:
+        return tuple(rng.randint(TOKEN_LOW, TOKEN_HIGH) for _ in range(count))
+
+    return [
+        Trajectory(
+            f"traj-{shape.seed}-{index}",
+            tuple(Turn(ids, gen) for ids, gen in draw_turns(shape, rng, token_ids)),
+        )
+        for index in range(shape.trajectories)
+    ]
 
 
 def expected_hit_ratio(trajectories: list[Trajectory], block_tokens: int) -> float:
