@@ -1,8 +1,8 @@
 """Agentic trajectories for the simulator: turn lengths only, shaped like the paper's Table 2.
 
 Called by ``bench.sim.scenarios`` and the tests. It reuses the engine's trace generator's shape
-(``dualpath_engine.workload.trace.TraceShape``, ``TABLE2``) and draws the same
-log-normal lengths through ``trace.draw_turns``, but keeps only lengths: the simulator needs no token ids, and drawing ids for
+(``dualpath_engine.workload.trace.TraceShape``, ``TABLE2``) and its length sampler
+(``trace.draw_turns``), but keeps only lengths: the simulator needs no token ids, and drawing ids for
 thousands of full-size trajectories would cost minutes.
 
 Windows: a full 64K trajectory has 157 turns on average. To keep a run short while keeping the
