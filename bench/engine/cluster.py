@@ -214,25 +214,21 @@ def _wait(what: str, condition: Any, timeout: float) -> None:
     raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
 
 
-async def nic_bytes(engine: Engine) -> dict[str, float]:
-    """``{storage_rx, storage_tx, compute_rx, compute_tx}`` bytes counted by the engine's NICs."""
+NIC_KEYS = ("storage_rx", "storage_tx", "compute_rx", "compute_tx")
+"""Bytes counted by an engine's NICs, by NIC kind and direction."""
+DECODE_KEYS = ("steps", "compute", "queue", "host")
+"""Decode steps run and their seconds by part (``dualpath_engine_decode_step_seconds_total``)."""
+
+
+async def counters(engine: Engine) -> dict[str, float]:
+    """One scrape of the engine's ``/metrics``: the :data:`NIC_KEYS` bytes and :data:`DECODE_KEYS`."""
     text = await asyncio.to_thread(_fetch, engine.http + "/metrics")
-    out = {"storage_rx": 0.0, "storage_tx": 0.0, "compute_rx": 0.0, "compute_tx": 0.0}
+    out = dict.fromkeys((*NIC_KEYS, *DECODE_KEYS), 0.0)
     for family in parser.text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "dualpath_engine_nic_bytes_total":
-                key = f"{sample.labels['kind']}_{sample.labels['direction']}"
-                out[key] = out.get(key, 0.0) + sample.value
-    return out
-
-
-async def decode_steps(engine: Engine) -> dict[str, float]:
-    """``{steps, compute, queue, host}``: decode steps run and seconds by part (engine counters)."""
-    text = await asyncio.to_thread(_fetch, engine.http + "/metrics")
-    out = {"steps": 0.0, "compute": 0.0, "queue": 0.0, "host": 0.0}
-    for family in parser.text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "dualpath_engine_decode_step_seconds_total":
+                out[f"{sample.labels['kind']}_{sample.labels['direction']}"] += sample.value
+            elif sample.name == "dualpath_engine_decode_step_seconds_total":
                 out[sample.labels["part"]] += sample.value
             elif sample.name == "dualpath_engine_steps_total" and sample.labels.get("role") == "decode":
                 out["steps"] += sample.value

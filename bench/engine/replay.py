@@ -47,29 +47,25 @@ def _replay_config(
     )
 
 
-async def _nics(run: cluster.Cluster) -> dict[str, dict[str, float]]:
-    return {engine.name: await cluster.nic_bytes(engine) for engine in run.engines}
+async def _counters(run: cluster.Cluster) -> dict[str, dict[str, float]]:
+    """Every engine's counters (one ``/metrics`` scrape each)."""
+    return {engine.name: await cluster.counters(engine) for engine in run.engines}
 
 
-async def _decode_split_totals(run: cluster.Cluster) -> dict[str, float]:
-    totals = {"steps": 0.0, "compute": 0.0, "queue": 0.0, "host": 0.0}
-    for engine in run.engines:
-        if engine.role == "decode":
-            for key, value in (await cluster.decode_steps(engine)).items():
-                totals[key] += value
-    return totals
+def _nic_bytes(counters: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {name: {key: values[key] for key in cluster.NIC_KEYS} for name, values in counters.items()}
+
+
+def _decode_totals(run: cluster.Cluster, counters: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Decode counters summed over the decode engines."""
+    decoders = [counters[engine.name] for engine in run.engines if engine.role == "decode"]
+    return {key: sum(values[key] for values in decoders) for key in cluster.DECODE_KEYS}
 
 
 def _per_step(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Mean decode-step time by part between two counter readings (ms per step): where TPOT goes."""
     steps = max(after["steps"] - before["steps"], 1.0)
     return {f"{part}_ms": (after[part] - before[part]) * 1e3 / steps for part in ("compute", "queue", "host")}
-
-
-async def _decode_split(run: cluster.Cluster) -> dict[str, float]:
-    """Mean decode-step time by part over all decode engines since they started."""
-    zero = {"steps": 0.0, "compute": 0.0, "queue": 0.0, "host": 0.0}
-    return _per_step(zero, await _decode_split_totals(run))
 
 
 def balance(nics: dict[str, dict[str, float]]) -> float:
@@ -105,8 +101,9 @@ async def offline(
     for mode in cfg.modes:
         with cluster.cluster(workdir / f"{topology.name}-{mode}", cfg, topology, mode) as run:
             report = await workload.replay(trace_, _replay_config(run, cfg, "offline"))
-            nics = await _nics(run)
-            split = await _decode_split(run)
+            counters = await _counters(run)
+            nics = _nic_bytes(counters)
+            split = _per_step(dict.fromkeys(cluster.DECODE_KEYS, 0.0), _decode_totals(run, counters))
         runs[mode] = {
             **_summary(report),
             "decode_step_ms": split,
@@ -200,9 +197,9 @@ async def online(
                 trace_ = trajectories(cfg, count, seed=100 + index)
                 rc = _replay_config(run, cfg, "online", rate=rate, seed=index)
                 rc = rc.model_copy(update={"max_duration_s": cfg.online_duration_s})
-                before = await _decode_split_totals(run)
+                before = _decode_totals(run, await _counters(run))
                 report = _summary(await workload.replay(trace_, rc))
-                after = await _decode_split_totals(run)
+                after = _decode_totals(run, await _counters(run))
                 ok = within_slo(report, ttft_slo, tpot_slo)
                 steps.append(
                     {"rate": rate, "within_slo": ok, **report, "decode_step_ms": _per_step(before, after)}
