@@ -94,10 +94,6 @@ class ModelRunner(Protocol):
         """Append each ``(seq_id, token)`` to its sequence's KV and return each next token."""
         ...
 
-    def sequence_length(self, seq_id: str) -> int:
-        """Tokens of KV the device holds for ``seq_id``."""
-        ...
-
     def read_kv(self, seq_id: str, start: int, end: int) -> KVArray:
         """Device-to-host copy of tokens ``start..end-1`` of a sequence: ``[layers, end-start, bytes]``."""
         ...
