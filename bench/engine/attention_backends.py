@@ -1,10 +1,13 @@
-"""Decode-step time of the engine's CUDA runner under each ``scaled_dot_product_attention`` backend.
+"""Decode-step time of the engine's CUDA runner by attention backend and by decode KV store.
 
 A diagnostic (not part of the preset run): ``python -m bench.engine.attention_backends [--device N]`` on
-the GPU machine prints milliseconds per decode step for 16 sequences of ~3,000 tokens with cuDNN
-allowed, cuDNN off (what the engine runs since ``llama.use_shape_agnostic_attention``), and flash,
-memory-efficient and math alone. It measured why the runner keeps SDPA off cuDNN (docs/benchmarks.md,
-"What was fixed", item 1).
+the GPU machine prints milliseconds per decode step
+
+1. for 16 sequences of ~3,000 tokens in per-sequence KV with cuDNN allowed, cuDNN off (what the engine
+   runs since ``llama.use_shape_agnostic_attention``), and flash, memory-efficient and math alone: why
+   the runner keeps SDPA off cuDNN (docs/benchmarks.md, "What was fixed", item 1);
+2. for batches of 1 to 64 such sequences in per-sequence KV and in the paged pool
+   (``model.kvcache``): whether a step's time grows with the batch (it should not, paged).
 """
 
 from __future__ import annotations
@@ -47,13 +50,22 @@ CHOICES: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
 }
 
 
+BATCHES = (1, 4, 16, 64)
+"""Decode batch sizes of the store sweep."""
+
+
 def step_ms(
-    device: torch.device, choice: Callable[[], contextlib.AbstractContextManager[None]], steps: int = 20
+    device: torch.device,
+    choice: Callable[[], contextlib.AbstractContextManager[None]],
+    steps: int = 20,
+    *,
+    attention: torch_runner.DecodeAttention = "per_sequence",
+    sequences: int = 16,
 ) -> float:
-    """Mean decode-step time (ms) of 16 sequences whose lengths differ (as in serving)."""
-    runner = torch_runner.TorchRunner(loader.build(MODEL), device)
+    """Mean decode-step time (ms) of ``sequences`` sequences whose lengths differ (as in serving)."""
+    runner = torch_runner.TorchRunner(loader.build(MODEL), device, decode_attention=attention)
     width = runner.kv_bytes_per_token_layer
-    batch = [(f"s{i}", 5) for i in range(16)]
+    batch = [(f"s{i}", 5) for i in range(sequences)]
     for i, (seq, _) in enumerate(batch):
         runner.load_sequence(seq, np.zeros((MODEL.num_layers, 3000 + 37 * i, width), np.uint8))
     with choice():
@@ -61,11 +73,12 @@ def step_ms(
         started = time.perf_counter()
         for _ in range(steps):
             runner.decode(batch)
+        torch.cuda.synchronize(device)
         return (time.perf_counter() - started) / steps * 1e3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print one line per backend choice; 2 without CUDA."""
+    """Print one line per backend choice, then the store sweep; 2 without CUDA."""
     parser = argparse.ArgumentParser(prog="python -m bench.engine.attention_backends", description=__doc__)
     parser.add_argument("--device", type=int, default=0, help="CUDA device index")
     args = parser.parse_args(argv)
@@ -75,6 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device("cuda", args.device)
     for label, choice in CHOICES.items():
         print(f"{label}: {step_ms(device, choice):.2f} ms per decode step", flush=True)
+    print("batch | per_sequence ms/step | paged ms/step | per_sequence / paged", flush=True)
+    for size in BATCHES:
+        plain = step_ms(device, CHOICES["cudnn off (the engine)"], sequences=size)
+        paged = step_ms(device, CHOICES["cudnn off (the engine)"], sequences=size, attention="paged")
+        print(f"{size} | {plain:.2f} | {paged:.2f} | {plain / paged:.2f}", flush=True)
     return 0
 
 

@@ -50,7 +50,13 @@ def _engine(argv: Sequence[str]) -> int:
         if engine_config.device == "cuda"
         else torch.device("cpu")
     )
-    runner = torch_runner.TorchRunner(loader.build(engine_config.model, device), device)
+    runner = torch_runner.TorchRunner(
+        loader.build(engine_config.model, device),
+        device,
+        decode_attention=engine_config.runner.decode_attention,
+        page_tokens=engine_config.runner.page_tokens,
+        pool_tokens=max(1, engine_config.kv.host_buffer_bytes // engine_config.model.kv_bytes_per_token),
+    )
 
     def ready(info: dict[str, object]) -> None:
         print(service.ready_line(info), flush=True)

@@ -255,6 +255,20 @@ class TransportConfig(_Frozen):
         return self
 
 
+class RunnerConfig(_Frozen):
+    """How the model runs on the engine's device."""
+
+    decode_attention: Literal["auto", "paged", "per_sequence"] = pydantic.Field(
+        default="auto",
+        description="Decode KV store: paged (one pool, one attention call per layer for the whole batch), "
+        "per_sequence (a tensor per sequence, one attention call per sequence and layer); auto = paged on "
+        "cuda, per_sequence on cpu.",
+    )
+    page_tokens: int = pydantic.Field(
+        default=16, ge=1, le=4096, description="Tokens per page of the paged decode KV pool."
+    )
+
+
 class EngineConfig(_Frozen):
     """Everything one prefill or decode engine process needs."""
 
@@ -289,6 +303,11 @@ class EngineConfig(_Frozen):
     network: NetworkConfig = pydantic.Field(default_factory=NetworkConfig, description="NICs of the node.")
     transport: TransportConfig = pydantic.Field(
         default_factory=TransportConfig, description="PE<->DE KV transport."
+    )
+    runner: RunnerConfig = pydantic.Field(
+        default_factory=RunnerConfig,
+        description="Model execution (decode KV store); the paged pool starts with kv.host_buffer_bytes "
+        "of KV and doubles when full.",
     )
 
     @pydantic.field_validator("scheduler_url")

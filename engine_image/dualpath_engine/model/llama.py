@@ -17,6 +17,7 @@ import math
 import typing
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional
@@ -98,16 +99,37 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).to(x.dtype)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half form) of ``x`` [tokens, heads, head_dim] at absolute ``positions``."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=x.device, dtype=torch.float32) / half))
+@dataclasses.dataclass(frozen=True)
+class Rotary:
+    """RoPE angles of a batch of token positions: ``cos`` and ``sin`` [tokens, 1, head_dim / 2] (float32).
+
+    Computed once per forward (:func:`rotary`) and applied to the queries and keys of every layer.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> Rotary:
+    """The RoPE angles of absolute ``positions`` [tokens] for heads of ``head_dim``."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=positions.device, dtype=torch.float32) / half))
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    cos = angles.cos()[:, None, :]
-    sin = angles.sin()[:, None, :]
+    return Rotary(cos=angles.cos()[:, None, :], sin=angles.sin()[:, None, :])
+
+
+def rope(x: torch.Tensor, rot: Rotary) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) of ``x`` [tokens, heads, head_dim] with ``rot``'s angles."""
+    half = x.shape[-1] // 2
     x1 = x[..., :half].float()
     x2 = x[..., half:].float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return torch.cat((x1 * rot.cos - x2 * rot.sin, x2 * rot.cos + x1 * rot.sin), dim=-1).to(x.dtype)
+
+
+def segment_positions(segments: Sequence[Segment], device: torch.device) -> torch.Tensor:
+    """Absolute positions [tokens] of the new tokens of ``segments`` (one host-to-device copy)."""
+    ranges = [np.arange(s.cached, s.cached + s.length) for s in segments]
+    return torch.from_numpy(np.concatenate(ranges) if ranges else np.empty(0, np.int64)).to(device)
 
 
 class DecoderLayer(nn.Module):
@@ -126,53 +148,56 @@ class DecoderLayer(nn.Module):
         self.w_up = nn.Linear(geo.hidden_size, geo.intermediate_size, bias=False)
         self.w_down = nn.Linear(geo.intermediate_size, geo.hidden_size, bias=False)
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        segments: Sequence[Segment],
-        cached_kv: Sequence[torch.Tensor] | None,
-        kv_out: Sequence[torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the layer over concatenated new tokens; return (hidden, new KV [tokens, 2, kv_heads, hd]).
-
-        ``cached_kv[i]`` is segment i's KV [cached, 2, kv_heads, head_dim] for this layer. Instead, a
-        caller that keeps the sequence's KV on the device passes ``kv_out[i]``, a view
-        [cached + length, 2, kv_heads, head_dim] whose first ``cached`` rows hold the past: the new KV is
-        written into its last ``length`` rows and attention reads the view in place (no copy of the
-        past per step). Exactly one of the two must be given.
-        """
-        if (cached_kv is None) == (kv_out is None):
-            raise ValueError("give either cached_kv or kv_out")
+    def project(self, hidden: torch.Tensor, rot: Rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries [tokens, heads, hd], keys and values [tokens, kv_heads, hd] (RoPE on queries and keys)."""
         geo = self.geo
         tokens = hidden.shape[0]
         x = self.attn_norm(hidden)
         q = self.wq(x).view(tokens, geo.num_heads, geo.head_dim)
         k = self.wk(x).view(tokens, geo.num_kv_heads, geo.head_dim)
         v = self.wv(x).view(tokens, geo.num_kv_heads, geo.head_dim)
-        positions = torch.cat(
-            [torch.arange(s.cached, s.cached + s.length, device=hidden.device) for s in segments]
-        )
-        q = rope(q, positions, geo.rope_theta)
-        k = rope(k, positions, geo.rope_theta)
+        return rope(q, rot), rope(k, rot), v
+
+    def complete(self, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer after attention: output projection, residual, SwiGLU MLP.
+
+        ``attn`` is the attention output [tokens, heads * head_dim] of the tokens of ``hidden``.
+        """
+        hidden = hidden + self.wo(attn)
+        y = self.mlp_norm(hidden)
+        out: torch.Tensor = hidden + self.w_down(functional.silu(self.w_gate(y)) * self.w_up(y))
+        return out
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        segments: Sequence[Segment],
+        cached_kv: Sequence[torch.Tensor],
+        rot: Rotary | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the layer over concatenated new tokens; return (hidden, new KV [tokens, 2, kv_heads, hd]).
+
+        ``cached_kv[i]`` is segment i's KV [cached, 2, kv_heads, head_dim] for this layer; ``rot`` the
+        angles of the segments' positions (computed here when not given). Used by prefill; a decode
+        step over device-resident KV calls :meth:`project`, a ``model.kvcache`` step and :meth:`complete`.
+        """
+        geo = self.geo
+        if rot is None:
+            rot = rotary(segment_positions(segments, hidden.device), geo.head_dim, geo.rope_theta)
+        q, k, v = self.project(hidden, rot)
         new_kv = torch.stack((k, v), dim=1)
         outs = []
         start = 0
         for index, seg in enumerate(segments):
             end = start + seg.length
-            if kv_out is not None:
-                kv = kv_out[index]
-                kv[seg.cached : seg.cached + seg.length] = new_kv[start:end]
-            elif cached_kv is not None and seg.cached:
+            if seg.cached:
                 kv = torch.cat((cached_kv[index].to(new_kv.dtype), new_kv[start:end]), dim=0)
             else:
                 kv = new_kv[start:end]
             attn = attend(q[start:end], kv, seg)
             outs.append(attn.reshape(seg.length, geo.num_heads * geo.head_dim))
             start = end
-        hidden = hidden + self.wo(torch.cat(outs, dim=0))
-        y = self.mlp_norm(hidden)
-        hidden = hidden + self.w_down(functional.silu(self.w_gate(y)) * self.w_up(y))
-        return hidden, new_kv
+        return self.complete(hidden, torch.cat(outs, dim=0)), new_kv
 
 
 def use_shape_agnostic_attention() -> None:
@@ -209,6 +234,25 @@ def attend(query: torch.Tensor, kv: torch.Tensor, seg: Segment) -> torch.Tensor:
         mask = attention_bias.causal_lower_right(seg.length, seg.cached + seg.length)
         out = functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
     return out[0].transpose(0, 1)
+
+
+def attend_padded(query: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """One decode token per sequence over a padded batch of KV, in one attention call.
+
+    ``query`` [batch, heads, hd]; ``kv`` [batch, keys, 2, kv_heads, hd] where sequence ``b``'s first
+    ``lengths[b]`` keys are real and the rest padding (finite values; masked out). Returns [batch,
+    heads, hd]. A single query token sees all of its sequence's keys, so there is no causal mask, only
+    the length mask; the query heads of one key/value head are laid out as that head's query rows
+    ([batch, kv_heads, group, hd]), which is exactly GQA without repeating keys.
+    """
+    batch, heads, head_dim = query.shape
+    kv_heads = kv.shape[3]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    keys = kv[:, :, 0].transpose(1, 2)
+    values = kv[:, :, 1].transpose(1, 2)
+    valid = torch.arange(kv.shape[1], device=kv.device)[None, :] < lengths[:, None]
+    out = functional.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, None, None, :])
+    return out.reshape(batch, heads, head_dim)
 
 
 class Decoder(nn.Module):
@@ -248,12 +292,15 @@ class Decoder(nn.Module):
         layer: int,
         hidden: torch.Tensor,
         segments: Sequence[Segment],
-        cached_kv: Sequence[torch.Tensor] | None,
-        kv_out: Sequence[torch.Tensor] | None = None,
+        cached_kv: Sequence[torch.Tensor],
+        rot: Rotary | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer over external KV; see :meth:`DecoderLayer.forward`."""
-        block = typing.cast(DecoderLayer, self.layers[layer])
-        return block.forward(hidden, segments, cached_kv, kv_out)
+        return self.block(layer).forward(hidden, segments, cached_kv, rot)
+
+    def block(self, layer: int) -> DecoderLayer:
+        """Decoder layer ``layer``."""
+        return typing.cast(DecoderLayer, self.layers[layer])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [rows, vocab] for final hidden rows.

@@ -2,24 +2,25 @@
 
 Built by ``dualpath_engine.__main__`` and injected into the prefill/decode loops, which stay torch-free.
 Prefill is layer-wise over external KV handed in as host ``uint8`` arrays; decode keeps each sequence's
-KV on the device in a per-sequence tensor ``[layers, capacity, 2, kv_heads, head_dim]`` that grows by
-doubling; each decode step writes the new token's KV into it and attends over it in place.
+KV on the device in a ``model.kvcache`` store (paged pool on CUDA: one attention call per layer for the
+whole batch; per-sequence tensors on the CPU) and writes each new token's KV into it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 
 from dualpath_engine.engine import runner as runner_api
-from dualpath_engine.model import llama
+from dualpath_engine.model import kvcache, llama
 
 
 def kv_to_host(kv: torch.Tensor) -> runner_api.KVArray:
     """A KV tensor [..., tokens, 2, kv_heads, head_dim] as host bytes [..., tokens, bytes]."""
-    flat = kv.contiguous().reshape(*kv.shape[:-3], -1)
+    flat = kv.contiguous().reshape(*kv.shape[:-3], kv.shape[-3:].numel())
     return flat.view(torch.uint8).cpu().numpy()
 
 
@@ -63,6 +64,9 @@ class TorchPrefillPass:
         self._device = device
         self._items = list(items)
         self._segments = [llama.Segment(item.cached_tokens, len(item.new_token_ids)) for item in items]
+        geo = model.geo
+        positions = llama.segment_positions(self._segments, device)
+        self._rot = llama.rotary(positions, geo.head_dim, geo.rope_theta)
         ids = [token for item in items for token in item.new_token_ids]
         with torch.no_grad():
             self._hidden = model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=device))
@@ -84,7 +88,9 @@ class TorchPrefillPass:
                 )
             past.append(kv_from_host(data, geo, self._device))
         with torch.no_grad():
-            self._hidden, new_kv = self._model.layer_forward(layer, self._hidden, self._segments, past)
+            self._hidden, new_kv = self._model.layer_forward(
+                layer, self._hidden, self._segments, past, self._rot
+            )
         host = kv_to_host(new_kv)
         self._next_layer += 1
         out = []
@@ -109,22 +115,49 @@ class TorchPrefillPass:
         ]
 
 
-class TorchRunner:
-    """``runner_api.ModelRunner`` on a torch device (CPU or CUDA)."""
+DecodeAttention = Literal["auto", "paged", "per_sequence"]
+"""Which device KV store decode steps use (``model.kvcache``); ``auto`` = paged on CUDA, per-sequence
+on the CPU."""
 
-    def __init__(self, model: llama.Decoder, device: torch.device) -> None:
+
+class TorchRunner:
+    """``runner_api.ModelRunner`` on a torch device (CPU or CUDA).
+
+    ``decode_attention`` picks the decode KV store (:class:`kvcache.PagedKV` or
+    :class:`kvcache.SequenceKV`); ``page_tokens`` and ``pool_tokens`` size the paged pool (its first
+    allocation; it doubles when full).
+    """
+
+    def __init__(
+        self,
+        model: llama.Decoder,
+        device: torch.device,
+        *,
+        decode_attention: DecodeAttention = "auto",
+        page_tokens: int = 16,
+        pool_tokens: int = 65536,
+    ) -> None:
         self._model = model.to(device).eval()
         self._device = device
         if device.type == "cuda":
             llama.use_shape_agnostic_attention()
-        self._kv: dict[str, torch.Tensor] = {}
-        self._len: dict[str, int] = {}
+        paged = decode_attention == "paged" or (decode_attention == "auto" and device.type == "cuda")
+        self._kv: kvcache.DeviceKV = (
+            kvcache.PagedKV(model.geo, device, page_tokens=page_tokens, initial_tokens=pool_tokens)
+            if paged
+            else kvcache.SequenceKV(model.geo, device)
+        )
         self._sampling: dict[str, runner_api.Sampling | None] = {}
 
     @property
     def model(self) -> llama.Decoder:
         """The decoder this runner drives."""
         return self._model
+
+    @property
+    def kv_store(self) -> kvcache.DeviceKV:
+        """The device KV store decode steps use."""
+        return self._kv
 
     @property
     def num_layers(self) -> int:
@@ -140,22 +173,6 @@ class TorchRunner:
         """Start a layer-wise prefill pass."""
         return TorchPrefillPass(self._model, self._device, items)
 
-    def _reserve(self, seq_id: str, tokens: int) -> torch.Tensor:
-        store = self._kv.get(seq_id)
-        if store is not None and store.shape[1] >= tokens:
-            return store
-        capacity = max(64, 1 << (max(tokens, 1) - 1).bit_length())
-        geo = self._model.geo
-        grown = torch.empty(
-            (geo.num_layers, capacity, 2, geo.num_kv_heads, geo.head_dim),
-            dtype=geo.dtype,
-            device=self._device,
-        )
-        if store is not None:
-            grown[:, : self._len[seq_id]] = store[:, : self._len[seq_id]]
-        self._kv[seq_id] = grown
-        return grown
-
     def load_sequence(
         self, seq_id: str, kv: runner_api.KVArray, sampling: runner_api.Sampling | None = None
     ) -> None:
@@ -164,11 +181,7 @@ class TorchRunner:
             raise runner_api.RunnerError(
                 f"{seq_id}: KV shape {kv.shape} is not [{self.num_layers}, tokens, bytes]"
             )
-        self.release(seq_id)
-        tokens = kv.shape[1]
-        store = self._reserve(seq_id, tokens + 1)
-        store[:, :tokens] = kv_from_host(kv, self._model.geo, self._device)
-        self._len[seq_id] = tokens
+        self._kv.load(seq_id, kv_from_host(kv, self._model.geo, self._device))
         self._sampling[seq_id] = sampling
 
     def decode(self, steps: Sequence[tuple[str, int]]) -> list[int]:
@@ -176,42 +189,45 @@ class TorchRunner:
         if not steps:
             return []
         seq_ids = [seq for seq, _ in steps]
-        if len(set(seq_ids)) != len(seq_ids):
-            raise runner_api.RunnerError("a decode step lists a sequence twice")
-        unknown = [seq for seq in seq_ids if seq not in self._len]
-        if unknown:
-            raise runner_api.RunnerError(f"decode of unknown sequences {unknown}")
-        stores = [self._reserve(seq, self._len[seq] + 1) for seq in seq_ids]
-        lengths = [self._len[seq] for seq in seq_ids]
-        segments = [llama.Segment(cached=n, length=1) for n in lengths]
-        ids = torch.tensor([token for _, token in steps], dtype=torch.long, device=self._device)
+        try:
+            step = self._kv.begin_step(seq_ids)
+        except kvcache.KVCacheError as exc:
+            raise runner_api.RunnerError(str(exc)) from exc
+        geo = self._model.geo
+        lengths = [self._kv.length(seq) for seq in seq_ids]
+        ids = torch.tensor([token for _, token in steps], dtype=torch.long)
+        positions = torch.tensor(lengths, dtype=torch.long)
         with torch.no_grad():
-            hidden = self._model.embed_tokens(ids)
+            hidden = self._model.embed_tokens(ids.to(self._device))
+            rot = llama.rotary(positions.to(self._device), geo.head_dim, geo.rope_theta)
             for layer in range(self.num_layers):
-                views = [store[layer, : n + 1] for store, n in zip(stores, lengths, strict=True)]
-                hidden, _ = self._model.layer_forward(layer, hidden, segments, None, kv_out=views)
+                block = self._model.block(layer)
+                query, key, value = block.project(hidden, rot)
+                hidden = block.complete(hidden, step.attend(layer, query, key, value))
             logits = self._model.logits(hidden)
-        for seq in seq_ids:
-            self._len[seq] += 1
+        step.commit()
         if all(self._sampling.get(seq) is None for seq in seq_ids):
             return [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
-        return [choose(logits[i], self._sampling.get(seq), self._len[seq]) for i, seq in enumerate(seq_ids)]
+        return [
+            choose(logits[i], self._sampling.get(seq), n + 1)
+            for i, (seq, n) in enumerate(zip(seq_ids, lengths, strict=True))
+        ]
 
     def sequence_length(self, seq_id: str) -> int:
         """Tokens of KV held for ``seq_id``."""
-        if seq_id not in self._len:
-            raise runner_api.RunnerError(f"unknown sequence {seq_id}")
-        return self._len[seq_id]
+        try:
+            return self._kv.length(seq_id)
+        except kvcache.KVCacheError as exc:
+            raise runner_api.RunnerError(str(exc)) from exc
 
     def read_kv(self, seq_id: str, start: int, end: int) -> runner_api.KVArray:
         """Host copy of tokens ``start..end-1``: ``[layers, end-start, bytes]``."""
-        length = self.sequence_length(seq_id)
-        if not 0 <= start <= end <= length:
-            raise runner_api.RunnerError(f"{seq_id}: range {start}..{end} outside 0..{length}")
-        return kv_to_host(self._kv[seq_id][:, start:end])
+        try:
+            return kv_to_host(self._kv.read(seq_id, start, end))
+        except kvcache.KVCacheError as exc:
+            raise runner_api.RunnerError(str(exc)) from exc
 
     def release(self, seq_id: str) -> None:
         """Free a sequence's device KV."""
-        self._kv.pop(seq_id, None)
-        self._len.pop(seq_id, None)
+        self._kv.release(seq_id)
         self._sampling.pop(seq_id, None)

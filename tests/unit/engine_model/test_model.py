@@ -20,8 +20,16 @@ pytestmark = pytest.mark.timeout(60)
 SMALL = config.ModelConfig(num_layers=3, hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=12, seed=7)
 
 
-def _runner(model_config: config.ModelConfig = SMALL) -> torch_runner.TorchRunner:
-    return torch_runner.TorchRunner(loader.build(model_config), torch.device("cpu"))
+def _runner(
+    model_config: config.ModelConfig = SMALL, attention: torch_runner.DecodeAttention = "per_sequence"
+) -> torch_runner.TorchRunner:
+    return torch_runner.TorchRunner(
+        loader.build(model_config), torch.device("cpu"), decode_attention=attention, pool_tokens=32
+    )
+
+
+ATTENTION = pytest.mark.parametrize("attention", ["per_sequence", "paged"])
+"""Decode tests run over both device KV stores (``model.kvcache``)."""
 
 
 def _prefill(
@@ -102,8 +110,11 @@ def test_layerwise_prefill_over_external_kv_matches_full_forward() -> None:
     np.testing.assert_allclose(merged, kv_all.view(np.float32), rtol=1e-5, atol=1e-5)
 
 
-def test_prefill_with_loaded_kv_then_decode_equals_full_recompute_multi_turn() -> None:
-    runner = _runner()
+@ATTENTION
+def test_prefill_with_loaded_kv_then_decode_equals_full_recompute_multi_turn(
+    attention: torch_runner.DecodeAttention,
+) -> None:
+    runner = _runner(attention=attention)
     empty = np.zeros((runner.num_layers, 0, runner.kv_bytes_per_token_layer), np.uint8)
     history: list[int] = tok.encode_chat([("user", "tell me a story")])
     cached = empty
@@ -127,8 +138,9 @@ def test_prefill_with_loaded_kv_then_decode_equals_full_recompute_multi_turn() -
         history.append(generated[-1])
 
 
-def test_batched_prefill_and_decode_equal_one_at_a_time() -> None:
-    runner = _runner()
+@ATTENTION
+def test_batched_prefill_and_decode_equal_one_at_a_time(attention: torch_runner.DecodeAttention) -> None:
+    runner = _runner(attention=attention)
     prompts = [tok.encode(text, bos=True) for text in ("alpha", "a longer second prompt", "3")]
     empty = np.zeros((0, runner.kv_bytes_per_token_layer), np.uint8)
     items = [runner_api.PrefillItem(f"s{i}", 0, tuple(p)) for i, p in enumerate(prompts)]
@@ -146,8 +158,9 @@ def test_batched_prefill_and_decode_equal_one_at_a_time() -> None:
         assert out == llama.greedy_reference(runner.model, prompt, 6)
 
 
-def test_runner_rejects_misuse_with_clear_errors() -> None:
-    runner = _runner()
+@ATTENTION
+def test_runner_rejects_misuse_with_clear_errors(attention: torch_runner.DecodeAttention) -> None:
+    runner = _runner(attention=attention)
     prefill = runner.begin_prefill([runner_api.PrefillItem("x", 2, (1, 2))])
     empty = np.zeros((0, runner.kv_bytes_per_token_layer), np.uint8)
     with pytest.raises(runner_api.RunnerError, match="out of order"):
@@ -173,8 +186,11 @@ def _sampled_reference(
     return out
 
 
-def test_seeded_sampling_is_reproducible_and_matches_recompute_through_the_runner() -> None:
-    runner = _runner()
+@ATTENTION
+def test_seeded_sampling_is_reproducible_and_matches_recompute_through_the_runner(
+    attention: torch_runner.DecodeAttention,
+) -> None:
+    runner = _runner(attention=attention)
     prompt = tok.encode("sample from me", bos=True)
     sampling = runner_api.Sampling(temperature=1.0, top_p=0.9, seed=11)
     empty = np.zeros((runner.num_layers, 0, runner.kv_bytes_per_token_layer), np.uint8)
@@ -224,24 +240,3 @@ def test_attention_equals_the_explicit_causal_mask_reference(cached: int, length
     ).transpose(0, 1)
     assert out.shape == (length, heads, head_dim)
     torch.testing.assert_close(out, reference)
-
-
-def test_in_place_kv_view_gives_the_same_layer_output_and_writes_the_new_kv() -> None:
-    model = loader.build(SMALL)
-    gen = torch.Generator().manual_seed(3)
-    past = torch.randn(10, 2, SMALL.num_kv_heads, SMALL.head_dim, generator=gen)
-    hidden = torch.randn(2, SMALL.hidden_size, generator=gen)
-    segments = [llama.Segment(cached=10, length=1), llama.Segment(cached=4, length=1)]
-    with torch.no_grad():
-        ref_hidden, ref_kv = model.layer_forward(0, hidden, segments, [past, past[:4]])
-        stores = [torch.zeros(16, 2, SMALL.num_kv_heads, SMALL.head_dim) for _ in segments]
-        stores[0][:10] = past
-        stores[1][:4] = past[:4]
-        views = [stores[0][:11], stores[1][:5]]
-        out_hidden, out_kv = model.layer_forward(0, hidden, segments, None, kv_out=views)
-    torch.testing.assert_close(out_hidden, ref_hidden)
-    torch.testing.assert_close(out_kv, ref_kv)
-    torch.testing.assert_close(stores[0][10], ref_kv[0])
-    torch.testing.assert_close(stores[1][4], ref_kv[1])
-    with pytest.raises(ValueError, match="either cached_kv or kv_out"):
-        model.layer_forward(0, hidden, segments, [past, past], kv_out=views)
