@@ -4,7 +4,9 @@ One prefill of ``appended`` new tokens over ``hit_tokens`` of hit KV with the en
 (``dualpath_engine.model.llama``) at the KV geometry of the settings. Three measurements per point:
 ``T_load`` (all layers' hit KV from the host arena to the device, nothing else), ``T_comp`` (the layers
 with the KV already resident) and ``T_overlap`` (layer ``l`` computes as soon as layer ``l``'s KV is
-there while later layers still load). Efficiency = (T_load + T_comp - T_overlap) / min(T_load, T_comp).
+there while later layers still load; copies are issued ``lookahead_layers`` ahead of the computing
+layer, not all up front, so the first layer's compute is not queued behind every copy's issue).
+Efficiency = (T_load + T_comp - T_overlap) / min(T_load, T_comp).
 
 On CUDA the copies are the engine's ``transfer.cuda.LayerCopier`` (one ``cudaMemcpy2DAsync`` per layer
 from the pinned ``PinnedArena``, its own stream, the compute stream waits on per-layer events). On CPU
@@ -129,9 +131,16 @@ class _Point:
 
     def overlapped(self, appended: int) -> None:
         if self.device.type == "cuda":
-            events = [self._load_layer(layer) for layer in range(self.layers)]
+            ahead = min(self.cfg.lookahead_layers, self.layers)
+            events = [self._load_layer(layer) for layer in range(ahead)]
             stream = torch.cuda.current_stream(self.device)
-            self.compute(appended, lambda layer: stream.wait_event(events[layer]))
+
+            def wait(layer: int) -> None:
+                if layer + ahead < self.layers:  # keep the copy stream `ahead` layers in front
+                    events.append(self._load_layer(layer + ahead))
+                stream.wait_event(events[layer])
+
+            self.compute(appended, wait)
             return
         ready = [threading.Event() for _ in range(self.layers)]
 
