@@ -6,8 +6,9 @@ the GPU machine prints milliseconds per decode step
 1. for 16 sequences of ~3,000 tokens in per-sequence KV with cuDNN allowed, cuDNN off (what the engine
    runs since ``llama.use_shape_agnostic_attention``), and flash, memory-efficient and math alone: why
    the runner keeps SDPA off cuDNN (docs/benchmarks.md, "What was fixed", item 1);
-2. for batches of 1 to 64 such sequences in per-sequence KV and in the paged pool
-   (``model.kvcache``): whether a step's time grows with the batch (it should not, paged).
+2. for batches of 1 to 64 such sequences in per-sequence KV and in the paged pool (``model.kvcache``),
+   with and without CUDA graphs: whether a step's time grows with the batch (it should not, paged)
+   and how much of it is kernel-launch overhead (what the graphs remove).
 """
 
 from __future__ import annotations
@@ -61,9 +62,12 @@ def step_ms(
     *,
     attention: torch_runner.DecodeAttention = "per_sequence",
     sequences: int = 16,
+    graphs: bool = True,
 ) -> float:
     """Mean decode-step time (ms) of ``sequences`` sequences whose lengths differ (as in serving)."""
-    runner = torch_runner.TorchRunner(loader.build(MODEL), device, decode_attention=attention)
+    runner = torch_runner.TorchRunner(
+        loader.build(MODEL), device, decode_attention=attention, cuda_graphs=graphs
+    )
     width = runner.kv_bytes_per_token_layer
     batch = [(f"s{i}", 5) for i in range(sequences)]
     for i, (seq, _) in enumerate(batch):
@@ -88,11 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device("cuda", args.device)
     for label, choice in CHOICES.items():
         print(f"{label}: {step_ms(device, choice):.2f} ms per decode step", flush=True)
-    print("batch | per_sequence ms/step | paged ms/step | per_sequence / paged", flush=True)
+    print("batch | per_sequence ms/step | paged, no graphs | paged + CUDA graphs (the engine)", flush=True)
+    engine = CHOICES["cudnn off (the engine)"]
     for size in BATCHES:
-        plain = step_ms(device, CHOICES["cudnn off (the engine)"], sequences=size)
-        paged = step_ms(device, CHOICES["cudnn off (the engine)"], sequences=size, attention="paged")
-        print(f"{size} | {plain:.2f} | {paged:.2f} | {plain / paged:.2f}", flush=True)
+        plain = step_ms(device, engine, sequences=size)
+        eager = step_ms(device, engine, sequences=size, attention="paged", graphs=False)
+        graphed = step_ms(device, engine, sequences=size, attention="paged")
+        print(f"{size} | {plain:.2f} | {eager:.2f} | {graphed:.2f}", flush=True)
     return 0
 
 

@@ -65,7 +65,7 @@ def build_model(cfg: settings.OverlapSettings, device: torch.device) -> llama.De
     return model.to(dtype=torch.bfloat16).to(device).eval()
 
 
-class _Point:
+class Point:
     """One (hit, appended) measurement on one device."""
 
     def __init__(self, cfg: settings.OverlapSettings, device: torch.device, model: llama.Decoder) -> None:
@@ -122,12 +122,16 @@ class _Point:
     def compute(self, appended: int, wait: Callable[[int], None] | None = None) -> None:
         ids = torch.arange(appended, device=self.device) % 256
         segments = [llama.Segment(self.hit, appended)]
+        geo = self.model.geo
         with torch.no_grad():
             hidden = self.model.embed_tokens(ids)
+            # Once per pass, as the engine's prefill pass does: a host-to-device copy per layer would
+            # make the CPU wait for the GPU at every layer (and, overlapped, for that layer's copy).
+            rot = llama.rotary(llama.segment_positions(segments, self.device), geo.head_dim, geo.rope_theta)
             for layer in range(self.layers):
                 if wait is not None:
                     wait(layer)
-                hidden, _ = self.model.layer_forward(layer, hidden, segments, [self._past(layer)])
+                hidden, _ = self.model.layer_forward(layer, hidden, segments, [self._past(layer)], rot)
 
     def overlapped(self, appended: int) -> None:
         if self.device.type == "cuda":
@@ -232,7 +236,7 @@ def run(
     """Every appended size, the copy rates, and Full-Block H2D / ceiling when a ceiling is known."""
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
     model = build_model(cfg, dev)
-    point = _Point(cfg, dev, model)
+    point = Point(cfg, dev, model)
     points = [point.measure(appended) for appended in cfg.appended]
     rates = point.copy_rates(cfg.full_block_h2d_blocks)
     out: dict[str, Any] = {

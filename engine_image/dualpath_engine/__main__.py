@@ -55,6 +55,7 @@ def _engine(argv: Sequence[str]) -> int:
         device,
         decode_attention=engine_config.runner.decode_attention,
         page_tokens=engine_config.runner.page_tokens,
+        cuda_graphs=engine_config.runner.cuda_graphs,
         pool_tokens=max(1, engine_config.kv.host_buffer_bytes // engine_config.model.kv_bytes_per_token),
     )
 

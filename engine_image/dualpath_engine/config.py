@@ -267,6 +267,11 @@ class RunnerConfig(_Frozen):
     page_tokens: int = pydantic.Field(
         default=16, ge=1, le=4096, description="Tokens per page of the paged decode KV pool."
     )
+    cuda_graphs: bool = pydantic.Field(
+        default=True,
+        description="Replay paged decode steps as CUDA graphs, one per (batch, page-table width) bucket "
+        "(cuda only; off = the same padded step launched kernel by kernel).",
+    )
 
 
 class EngineConfig(_Frozen):

@@ -12,6 +12,10 @@ Two stores behind one interface (:class:`DeviceKV`), chosen by ``model.runner.To
   indexed copy and attends the whole batch with one page gather and one attention call per layer
   (``llama.attend_padded``), whatever the batch size. The CUDA default. The pool is allocated on the
   first sequence (prefill-only engines never allocate it) and doubles when it runs out of pages.
+  Steps run padded to a bucket (batch and page-table width rounded up to powers of two; padded rows
+  write and read page 0, which no sequence owns), so on CUDA each bucket's whole step (embedding,
+  every layer, logits) is captured once as a CUDA graph and replayed: one launch per step instead of
+  hundreds of Python-issued kernels, which a small model's decode is otherwise bound by.
 
 Both hold KV in the model dtype, K after RoPE, exactly as a layer computed it, so reading it back
 (:meth:`DeviceKV.read`) gives identical bytes from either store.
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,20 +35,6 @@ from dualpath_engine.model import llama
 
 class KVCacheError(ValueError):
     """A store used wrongly (unknown sequence, range outside its KV, a sequence twice in a step)."""
-
-
-class DecodeStep(Protocol):
-    """One decode step over a batch of sequences, layer by layer."""
-
-    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Store each sequence's new ``key``/``value`` [batch, kv_heads, hd] at its next position for
-        ``layer`` and return the attention of ``query`` [batch, heads, hd] over the sequence's KV
-        including the new token: [batch, heads * hd]."""
-        ...
-
-    def commit(self) -> None:
-        """Every layer has run: each sequence is one token longer."""
-        ...
 
 
 class DeviceKV(Protocol):
@@ -67,8 +57,10 @@ class DeviceKV(Protocol):
         """Free ``seq_id``'s KV (unknown ids are ignored)."""
         ...
 
-    def begin_step(self, seq_ids: Sequence[str]) -> DecodeStep:
-        """Make room for one more token of each (distinct, known) sequence and start a decode step."""
+    def decode(self, seq_ids: Sequence[str], tokens: Sequence[int]) -> torch.Tensor:
+        """One decode step: feed ``tokens[i]`` to (distinct, known) sequence ``seq_ids[i]``, store its
+        KV, and return float32 logits [batch, vocab] of each sequence's next token; each sequence is
+        one token longer afterwards."""
         ...
 
 
@@ -84,8 +76,9 @@ def _check_distinct_known(seq_ids: Sequence[str], known: dict[str, int]) -> list
 class SequenceKV:
     """One growing device tensor per sequence; attention per sequence in place."""
 
-    def __init__(self, geo: llama.Geometry, device: torch.device) -> None:
-        self._geo = geo
+    def __init__(self, model: llama.Decoder, device: torch.device) -> None:
+        self._model = model
+        self._geo = model.geo
         self._device = device
         self._kv: dict[str, torch.Tensor] = {}
         self._len: dict[str, int] = {}
@@ -129,64 +122,94 @@ class SequenceKV:
         self._kv.pop(seq_id, None)
         self._len.pop(seq_id, None)
 
-    def begin_step(self, seq_ids: Sequence[str]) -> _SequenceStep:
-        """See :meth:`DeviceKV.begin_step`."""
+    def decode(self, seq_ids: Sequence[str], tokens: Sequence[int]) -> torch.Tensor:
+        """See :meth:`DeviceKV.decode`."""
         lengths = _check_distinct_known(seq_ids, self._len)
         stores = [self._reserve(seq, n + 1) for seq, n in zip(seq_ids, lengths, strict=True)]
-        return _SequenceStep(self, list(seq_ids), stores, lengths)
+        model, geo = self._model, self._geo
+        with torch.no_grad():
+            hidden = model.embed_tokens(torch.tensor(list(tokens), dtype=torch.long).to(self._device))
+            positions = torch.tensor(lengths, dtype=torch.long).to(self._device)
+            rot = llama.rotary(positions, geo.head_dim, geo.rope_theta)
+            for layer in range(geo.num_layers):
+                block = model.block(layer)
+                query, key, value = block.project(hidden, rot)
+                new_kv = torch.stack((key, value), dim=1)
+                outs = []
+                for index, (store, n) in enumerate(zip(stores, lengths, strict=True)):
+                    view = store[layer, : n + 1]
+                    view[n] = new_kv[index]
+                    segment = llama.Segment(cached=n, length=1)
+                    outs.append(llama.attend(query[index : index + 1], view, segment))
+                hidden = block.complete(hidden, torch.cat(outs, dim=0).flatten(1))
+            logits = model.logits(hidden)
+        for seq in seq_ids:
+            self._len[seq] += 1
+        return logits
 
 
-class _SequenceStep:
-    def __init__(
-        self, owner: SequenceKV, seq_ids: list[str], stores: list[torch.Tensor], lengths: list[int]
-    ) -> None:
-        self._owner = owner
-        self._seq_ids = seq_ids
-        self._stores = stores
-        self._lengths = lengths
+GRAPH_MAX_BATCH = 256
+"""Largest batch bucket captured as a CUDA graph; larger batches run the same padded step eagerly."""
 
-    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        new_kv = torch.stack((key, value), dim=1)
-        outs = []
-        for index, (store, n) in enumerate(zip(self._stores, self._lengths, strict=True)):
-            view = store[layer, : n + 1]
-            view[n] = new_kv[index]
-            outs.append(llama.attend(query[index : index + 1], view, llama.Segment(cached=n, length=1)))
-        return torch.cat(outs, dim=0).flatten(1)
+TRASH_PAGE = 0
+"""The pool page padded rows write to and read from; never given to a sequence."""
 
-    def commit(self) -> None:
-        for seq in self._seq_ids:
-            self._owner._len[seq] += 1
+
+def _bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (at least 1)."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 class PagedKV:
     """A paged pool shared by all sequences; one gather and one attention call per layer and step."""
 
     def __init__(
-        self, geo: llama.Geometry, device: torch.device, *, page_tokens: int, initial_tokens: int
+        self,
+        model: llama.Decoder,
+        device: torch.device,
+        *,
+        page_tokens: int,
+        initial_tokens: int,
+        cuda_graphs: bool = True,
     ) -> None:
         if page_tokens < 1 or initial_tokens < 1:
             raise KVCacheError(
                 f"page_tokens ({page_tokens}) and initial_tokens ({initial_tokens}) must be >= 1"
             )
-        self._geo = geo
+        self._model = model
+        self._geo = model.geo
         self._device = device
         self.page_tokens = page_tokens
-        self._initial_pages = math.ceil(initial_tokens / page_tokens)
+        self._initial_pages = math.ceil(initial_tokens / page_tokens) + 1  # + the trash page
+        self._graphs = cuda_graphs and device.type == "cuda"
         self._pool: torch.Tensor | None = None
         self._free: list[int] = []
         self._pages: dict[str, list[int]] = {}
         self._len: dict[str, int] = {}
+        self._steps: dict[tuple[int, int], _BucketStep] = {}
+        self._graph_pool: Any = None  # torch.cuda.graph_pool_handle(), shared by every bucket's graph
+
+    @property
+    def pool(self) -> torch.Tensor:
+        """The pool [layers, pages * page_tokens, 2, kv_heads, hd]; KVCacheError before the first load."""
+        if self._pool is None:
+            raise KVCacheError("the KV pool is allocated with the first sequence")
+        return self._pool
 
     @property
     def capacity_pages(self) -> int:
-        """Pages the pool holds now (0 before the first sequence)."""
+        """Pages the pool holds now, the trash page included (0 before the first sequence)."""
         return 0 if self._pool is None else self._pool.shape[1] // self.page_tokens
 
     @property
     def free_pages(self) -> int:
-        """Pages no sequence holds."""
+        """Pages no sequence holds (the trash page excluded)."""
         return len(self._free)
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """(batch, page-table width) buckets prepared so far (captured as CUDA graphs on CUDA)."""
+        return sorted(self._steps)
 
     def _grow(self, pages: int) -> None:
         old = self.capacity_pages
@@ -201,13 +224,14 @@ class PagedKV:
         if self._pool is not None:
             pool[:, : self._pool.shape[1]] = self._pool
         self._pool = pool
-        self._free.extend(range(pages - 1, old - 1, -1))
+        self._free.extend(range(pages - 1, max(old, TRASH_PAGE + 1) - 1, -1))
+        self._steps.clear()  # prepared steps (and captured graphs) point at the old pool
 
     def _take(self, seq_id: str, tokens: int) -> list[int]:
         pages = self._pages.setdefault(seq_id, [])
         missing = math.ceil(tokens / self.page_tokens) - len(pages)
         if missing > len(self._free):
-            needed = self.capacity_pages + missing - len(self._free)
+            needed = max(self.capacity_pages, TRASH_PAGE + 1) + missing - len(self._free)
             self._grow(max(needed, 2 * self.capacity_pages, self._initial_pages))
         for _ in range(max(0, missing)):
             pages.append(self._free.pop())
@@ -227,9 +251,7 @@ class PagedKV:
         self._take(seq_id, tokens + 1)
         self._len[seq_id] = tokens
         if tokens:
-            pool = self._pool
-            assert pool is not None
-            pool.index_copy_(1, self._slots(seq_id, 0, tokens), kv.to(pool.dtype))
+            self.pool.index_copy_(1, self._slots(seq_id, 0, tokens), kv.to(self.pool.dtype))
 
     def length(self, seq_id: str) -> int:
         """See :meth:`DeviceKV.length`."""
@@ -240,71 +262,137 @@ class PagedKV:
     def read(self, seq_id: str, start: int, end: int) -> torch.Tensor:
         """See :meth:`DeviceKV.read`."""
         _check_range(seq_id, start, end, self.length(seq_id))
-        pool = self._pool
-        assert pool is not None
-        return pool.index_select(1, self._slots(seq_id, start, end))
+        return self.pool.index_select(1, self._slots(seq_id, start, end))
 
     def release(self, seq_id: str) -> None:
         """See :meth:`DeviceKV.release`."""
         self._len.pop(seq_id, None)
         self._free.extend(reversed(self._pages.pop(seq_id, [])))
 
-    def begin_step(self, seq_ids: Sequence[str]) -> _PagedStep:
-        """See :meth:`DeviceKV.begin_step`."""
+    def decode(self, seq_ids: Sequence[str], tokens: Sequence[int]) -> torch.Tensor:
+        """See :meth:`DeviceKV.decode`."""
         lengths = _check_distinct_known(seq_ids, self._len)
         tables = [self._take(seq, n + 1) for seq, n in zip(seq_ids, lengths, strict=True)]
-        width = max(len(table) for table in tables)
-        batch = len(seq_ids)
-        # One host array, one copy to the device: [page table (batch x width) | write slot | lengths].
-        packed = np.zeros(batch * width + 2 * batch, dtype=np.int64)
-        for row, table in enumerate(tables):
-            packed[row * width : row * width + len(table)] = table
-        n = np.asarray(lengths, dtype=np.int64)
-        table_end = batch * width
-        packed[table_end : table_end + batch] = (
-            packed[np.arange(batch) * width + n // self.page_tokens] * self.page_tokens + n % self.page_tokens
-        )
-        packed[table_end + batch :] = n + 1
-        on_device = torch.from_numpy(packed).to(self._device)
-        assert self._pool is not None
-        return _PagedStep(
-            self,
-            list(seq_ids),
-            table=on_device[:table_end].view(batch, width),
-            write=on_device[table_end : table_end + batch],
-            lengths=on_device[table_end + batch :],
-        )
+        key = (_bucket(len(seq_ids)), _bucket(max(len(table) for table in tables)))
+        step = self._steps.get(key)
+        if step is None:
+            step = self._steps[key] = self._prepare(*key)
+        step.fill(tokens, lengths, tables)
+        logits = step.run()[: len(seq_ids)]
+        for seq in seq_ids:
+            self._len[seq] += 1
+        return logits
+
+    def _prepare(self, batch: int, width: int) -> _BucketStep:
+        step = _BucketStep(self, batch, width)
+        if self._graphs and batch <= GRAPH_MAX_BATCH:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            step.capture(self._graph_pool)
+        return step
+
+    def forward(self, inputs: _StepInputs) -> torch.Tensor:
+        """The padded decode step over the pool: float32 logits [batch, vocab] (captured on CUDA)."""
+        model, geo, pool = self._model, self._geo, self.pool
+        batch, width = inputs.table.shape
+        with torch.no_grad():
+            hidden = model.embed_tokens(inputs.ids)
+            rot = llama.rotary(inputs.positions, geo.head_dim, geo.rope_theta)
+            for layer in range(geo.num_layers):
+                block = model.block(layer)
+                query, key, value = block.project(hidden, rot)
+                layer_kv = pool[layer]
+                layer_kv.index_copy_(0, inputs.write, torch.stack((key, value), dim=1))
+                pages = layer_kv.view(-1, self.page_tokens, *layer_kv.shape[1:])
+                gathered = pages[inputs.table].view(batch, width * self.page_tokens, *layer_kv.shape[1:])
+                attn = llama.attend_padded(query, gathered, inputs.lengths)
+                hidden = block.complete(hidden, attn.flatten(1))
+            return model.logits(hidden)
 
 
-class _PagedStep:
-    def __init__(
-        self,
-        owner: PagedKV,
-        seq_ids: list[str],
-        table: torch.Tensor,
-        write: torch.Tensor,
-        lengths: torch.Tensor,
-    ) -> None:
+class _StepInputs:
+    """Device views of one bucket's input buffer: ids, positions, write slots, lengths [batch] and the
+    page table [batch, width]."""
+
+    def __init__(self, buffer: torch.Tensor, batch: int, width: int) -> None:
+        self.ids = buffer[:batch]
+        self.positions = buffer[batch : 2 * batch]
+        self.write = buffer[2 * batch : 3 * batch]
+        self.lengths = buffer[3 * batch : 4 * batch]
+        self.table = buffer[4 * batch :].view(batch, width)
+
+
+class _BucketStep:
+    """One (batch, width) bucket: a device input buffer, its host staging, and on CUDA a graph."""
+
+    def __init__(self, owner: PagedKV, batch: int, width: int) -> None:
         self._owner = owner
-        self._seq_ids = seq_ids
-        self._table = table
-        self._write = write
-        self._lengths = lengths
+        self.batch = batch
+        self.width = width
+        size = 4 * batch + batch * width
+        device = owner._device
+        self._host = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._device_buffer = torch.zeros(size, dtype=torch.int64, device=device)
+        self._inputs = _StepInputs(self._device_buffer, batch, width)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._out: torch.Tensor | None = None
+        self._pad()
 
-    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        owner = self._owner
-        pool = owner._pool
-        assert pool is not None
-        layer_kv = pool[layer]
-        layer_kv.index_copy_(0, self._write, torch.stack((key, value), dim=1))
-        pages = layer_kv.view(-1, owner.page_tokens, *layer_kv.shape[1:])
-        batch, width = self._table.shape
-        gathered = pages[self._table].view(batch, width * owner.page_tokens, *layer_kv.shape[1:])
-        return llama.attend_padded(query, gathered, self._lengths).flatten(1)
+    def _pad(self) -> None:
+        """Every row a padding row: token 0 at position 0, writing and reading the trash page."""
+        host = self._host.numpy()
+        host[:] = 0
+        host[3 * self.batch : 4 * self.batch] = 1
+        host[4 * self.batch :] = TRASH_PAGE
+        host[2 * self.batch : 3 * self.batch] = TRASH_PAGE * self._owner.page_tokens
+        self._device_buffer.copy_(self._host)
 
-    def commit(self) -> None:
-        for seq in self._seq_ids:
-            self._owner._len[seq] += 1
+    def fill(self, tokens: Sequence[int], lengths: Sequence[int], tables: Sequence[Sequence[int]]) -> None:
+        """Load the real rows (the rest stay padding) and copy the buffer to the device.
+
+        The host staging is rewritten only after the previous step's logits were read back (the
+        runner synchronises on them), so the asynchronous copy never races the next fill.
+        """
+        batch, width, page = self.batch, self.width, self._owner.page_tokens
+        host = self._host.numpy()
+        rows = len(tokens)
+        n = np.asarray(lengths, dtype=np.int64)
+        table = host[4 * batch :].reshape(batch, width)
+        table[:] = TRASH_PAGE
+        for row, pages in enumerate(tables):
+            table[row, : len(pages)] = pages
+        host[:rows] = tokens
+        host[rows:batch] = 0
+        host[batch : batch + rows] = n
+        host[batch + rows : 2 * batch] = 0
+        host[2 * batch : 2 * batch + rows] = table[np.arange(rows), n // page] * page + n % page
+        host[2 * batch + rows : 3 * batch] = TRASH_PAGE * page
+        host[3 * batch : 3 * batch + rows] = n + 1
+        host[3 * batch + rows : 4 * batch] = 1
+        self._device_buffer.copy_(self._host, non_blocking=True)
+
+    def capture(self, pool: Any) -> None:
+        """Warm up on a side stream (padding rows only: writes go to the trash page), then capture."""
+        side = torch.cuda.Stream(self._device_buffer.device)  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream(self._device_buffer.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._owner.forward(self._inputs)
+        torch.cuda.current_stream(self._device_buffer.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the engine's transport threads may use the device (their own streams) while
+        # the device thread captures; only this thread's calls must be capture-safe.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            self._out = self._owner.forward(self._inputs)
+        self._graph = graph
+
+    def run(self) -> torch.Tensor:
+        """Logits [batch bucket, vocab] of the filled inputs."""
+        if self._graph is None:
+            return self._owner.forward(self._inputs)
+        self._graph.replay()
+        assert self._out is not None
+        return self._out
 
 
 def _check_range(seq_id: str, start: int, end: int, length: int) -> None:

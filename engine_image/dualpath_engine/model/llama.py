@@ -319,8 +319,9 @@ class Decoder(nn.Module):
         hidden = self.embed_tokens(ids)
         seg = [Segment(cached=0, length=ids.shape[0])]
         empty = self.empty_kv(0, ids.device)
+        rot = rotary(torch.arange(ids.shape[0], device=ids.device), self.geo.head_dim, self.geo.rope_theta)
         for layer in range(self.geo.num_layers):
-            hidden, _ = self.layer_forward(layer, hidden, seg, [empty])
+            hidden, _ = self.layer_forward(layer, hidden, seg, [empty], rot)
         return self.logits(hidden)
 
     def empty_kv(self, tokens: int, device: torch.device) -> torch.Tensor:

@@ -125,7 +125,8 @@ class TorchRunner:
 
     ``decode_attention`` picks the decode KV store (:class:`kvcache.PagedKV` or
     :class:`kvcache.SequenceKV`); ``page_tokens`` and ``pool_tokens`` size the paged pool (its first
-    allocation; it doubles when full).
+    allocation; it doubles when full); ``cuda_graphs`` lets the paged store replay its decode steps as
+    CUDA graphs (on CUDA only).
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class TorchRunner:
         decode_attention: DecodeAttention = "auto",
         page_tokens: int = 16,
         pool_tokens: int = 65536,
+        cuda_graphs: bool = True,
     ) -> None:
         self._model = model.to(device).eval()
         self._device = device
@@ -143,9 +145,15 @@ class TorchRunner:
             llama.use_shape_agnostic_attention()
         paged = decode_attention == "paged" or (decode_attention == "auto" and device.type == "cuda")
         self._kv: kvcache.DeviceKV = (
-            kvcache.PagedKV(model.geo, device, page_tokens=page_tokens, initial_tokens=pool_tokens)
+            kvcache.PagedKV(
+                self._model,
+                device,
+                page_tokens=page_tokens,
+                initial_tokens=pool_tokens,
+                cuda_graphs=cuda_graphs,
+            )
             if paged
-            else kvcache.SequenceKV(model.geo, device)
+            else kvcache.SequenceKV(self._model, device)
         )
         self._sampling: dict[str, runner_api.Sampling | None] = {}
 
@@ -190,27 +198,13 @@ class TorchRunner:
             return []
         seq_ids = [seq for seq, _ in steps]
         try:
-            step = self._kv.begin_step(seq_ids)
+            logits = self._kv.decode(seq_ids, [token for _, token in steps])
         except kvcache.KVCacheError as exc:
             raise runner_api.RunnerError(str(exc)) from exc
-        geo = self._model.geo
-        lengths = [self._kv.length(seq) for seq in seq_ids]
-        ids = torch.tensor([token for _, token in steps], dtype=torch.long)
-        positions = torch.tensor(lengths, dtype=torch.long)
-        with torch.no_grad():
-            hidden = self._model.embed_tokens(ids.to(self._device))
-            rot = llama.rotary(positions.to(self._device), geo.head_dim, geo.rope_theta)
-            for layer in range(self.num_layers):
-                block = self._model.block(layer)
-                query, key, value = block.project(hidden, rot)
-                hidden = block.complete(hidden, step.attend(layer, query, key, value))
-            logits = self._model.logits(hidden)
-        step.commit()
         if all(self._sampling.get(seq) is None for seq in seq_ids):
             return [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
         return [
-            choose(logits[i], self._sampling.get(seq), n + 1)
-            for i, (seq, n) in enumerate(zip(seq_ids, lengths, strict=True))
+            choose(logits[i], self._sampling.get(seq), self._kv.length(seq)) for i, seq in enumerate(seq_ids)
         ]
 
     def sequence_length(self, seq_id: str) -> int:

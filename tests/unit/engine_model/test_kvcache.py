@@ -116,32 +116,37 @@ def test_paged_runner_matches_the_per_sequence_runner(
 
 
 def test_released_pages_are_reused_before_the_pool_grows_and_growth_keeps_kv() -> None:
-    store = kvcache.PagedKV(GEO, CPU, page_tokens=4, initial_tokens=16)
+    store = kvcache.PagedKV(loader.build(MODEL), CPU, page_tokens=4, initial_tokens=16)
     first = torch.randn(MODEL.num_layers, 10, 2, MODEL.num_kv_heads, MODEL.head_dim)
-    store.load("a", first)  # 11 tokens reserved -> 3 of 4 pages
-    assert (store.capacity_pages, store.free_pages) == (4, 1)
+    store.load("a", first)  # 11 tokens reserved -> 3 of 4 pages (+ the trash page)
+    assert (store.capacity_pages, store.free_pages) == (5, 1)
     store.release("a")
     store.load("b", first[:, :7])  # 2 pages, from the freed ones
-    assert (store.capacity_pages, store.free_pages) == (4, 2)
+    assert (store.capacity_pages, store.free_pages) == (5, 2)
     store.load("c", first)  # needs 3 pages, 2 free: the pool doubles
-    assert store.capacity_pages == 8
+    assert store.capacity_pages == 10
     torch.testing.assert_close(store.read("b", 0, 7), first[:, :7])
     torch.testing.assert_close(store.read("c", 3, 10), first[:, 3:10])
 
 
 def test_stores_refuse_misuse_with_clear_errors() -> None:
-    for store in (kvcache.SequenceKV(GEO, CPU), kvcache.PagedKV(GEO, CPU, page_tokens=4, initial_tokens=8)):
+    model = loader.build(MODEL)
+    stores: list[kvcache.DeviceKV] = [
+        kvcache.SequenceKV(model, CPU),
+        kvcache.PagedKV(model, CPU, page_tokens=4, initial_tokens=8),
+    ]
+    for store in stores:
         store.load("a", torch.zeros(MODEL.num_layers, 3, 2, MODEL.num_kv_heads, MODEL.head_dim))
         with pytest.raises(kvcache.KVCacheError, match="twice"):
-            store.begin_step(["a", "a"])
+            store.decode(["a", "a"], [1, 1])
         with pytest.raises(kvcache.KVCacheError, match="unknown sequences"):
-            store.begin_step(["a", "zz"])
+            store.decode(["a", "zz"], [1, 1])
         with pytest.raises(kvcache.KVCacheError, match=r"range 2\.\.5 outside 0\.\.3"):
             store.read("a", 2, 5)
         with pytest.raises(kvcache.KVCacheError, match="unknown sequence zz"):
             store.length("zz")
     with pytest.raises(kvcache.KVCacheError, match="page_tokens"):
-        kvcache.PagedKV(GEO, CPU, page_tokens=0, initial_tokens=8)
+        kvcache.PagedKV(model, CPU, page_tokens=0, initial_tokens=8)
     runner = torch_runner.TorchRunner(loader.build(MODEL), CPU, decode_attention="paged")
     with pytest.raises(runner_api.RunnerError, match="unknown sequences"):
         runner.decode([("nope", 1)])
@@ -154,3 +159,22 @@ def test_engine_config_selects_the_store() -> None:
         config.EngineConfig.model_validate({"role": "decode", "runner": {"decode_attention": "flat"}})
     with pytest.raises(ValueError, match="page_tokens"):
         config.EngineConfig.model_validate({"role": "decode", "runner": {"page_tokens": 0}})
+
+
+def test_steps_run_in_power_of_two_buckets_prepared_once_and_again_after_the_pool_grows() -> None:
+    store = kvcache.PagedKV(loader.build(MODEL), CPU, page_tokens=4, initial_tokens=64)  # 16 pages + trash
+    kv = torch.zeros(MODEL.num_layers, 2, 2, MODEL.num_kv_heads, MODEL.head_dim)
+    for seq in ("a", "b", "c"):
+        store.load(seq, kv)  # 3 tokens reserved: one page each
+    assert store.decode(["a", "b", "c"], [1, 2, 3]).shape == (3, MODEL.vocab_size)
+    store.decode(["a", "b"], [4, 5])
+    assert store.buckets == [(2, 1), (4, 1)]
+    store.decode(["c"], [6])  # c: 4 tokens, still one page
+    assert store.buckets == [(1, 1), (2, 1), (4, 1)]
+    store.decode(["a", "b", "c"], [6, 7, 8])  # a and b take a second page: a wider bucket
+    assert store.buckets == [(1, 1), (2, 1), (4, 1), (4, 2)]
+    assert store.capacity_pages == 17
+    store.load("d", torch.zeros(MODEL.num_layers, 60, 2, MODEL.num_kv_heads, MODEL.head_dim))
+    assert store.buckets == []  # the pool grew: prepared steps (graphs on CUDA) pointed at the old one
+    store.decode(["a", "d"], [1, 2])
+    assert store.buckets == [(2, 16)]
