@@ -86,12 +86,6 @@ class OverlapSettings(_Frozen):
         default=128, ge=1, description="Full Blocks moved by the Full-Block H2D measurement."
     )
     repeats: int = pydantic.Field(default=15, ge=1, description="Timed repeats (median kept).")
-    lookahead_layers: int = pydantic.Field(
-        default=4,
-        ge=1,
-        description="Overlapped run: layer copies issued this many layers ahead of the layer computing "
-        "(issuing all copies up front delays the first compute launch by every copy's issue time).",
-    )
 
 
 class Topology(_Frozen):

@@ -11,6 +11,7 @@ Ceilings come from engine-dataplane.md section 7 and can be overridden for anoth
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ import torch
 from dualpath_engine import config
 from dualpath_engine import tokenizer as tok
 from dualpath_engine.engine import runner as runner_api
-from dualpath_engine.model import llama, loader
+from dualpath_engine.model import kvcache, llama, loader
 from dualpath_engine.model import runner as torch_runner
 from dualpath_engine.transfer import base, cuda
 
@@ -179,6 +180,30 @@ def test_paged_decode_on_cuda_matches_per_sequence_for_a_changing_batch() -> Non
         )
         assert max(drift) < 0.05
         assert agree >= 0.95 * total
+
+
+def test_decode_graphs_are_captured_on_the_engines_device_thread() -> None:
+    """The decode engine runs its runner on a worker thread (``engine/decode.py``); graphs must be
+    captured there too, and replaying them must give the eager tokens."""
+    geometry = config.ModelConfig(num_layers=4, hidden_size=128, num_heads=8, num_kv_heads=2, head_dim=16)
+    device = torch.device("cuda")
+    graphed = torch_runner.TorchRunner(loader.build(geometry), device)
+    eager = torch_runner.TorchRunner(loader.build(geometry), device, cuda_graphs=False)
+    width = graphed.kv_bytes_per_token_layer
+    gen = torch.Generator().manual_seed(3)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as thread:
+        for index, tokens in enumerate((5, 40, 133)):
+            kv = torch.randn(geometry.num_layers, tokens, width // 4, generator=gen).view(torch.uint8).numpy()
+            for runner in (graphed, eager):
+                thread.submit(runner.load_sequence, f"s{index}", kv).result()
+        batch = [(f"s{i}", 7 + i) for i in range(3)]
+        for _ in range(12):
+            got = thread.submit(graphed.decode, batch).result()
+            assert got == thread.submit(eager.decode, batch).result()
+            batch = [(seq, token) for (seq, _), token in zip(batch, got, strict=True)]
+    store = graphed.kv_store
+    assert isinstance(store, kvcache.PagedKV)
+    assert store.graphs and store.buckets  # captured, not fallen back to eager
 
 
 def test_full_block_h2d_through_the_pinned_arena_reaches_the_ceiling(copier: cuda.LayerCopier) -> None:

@@ -23,6 +23,7 @@ Both hold KV in the model dtype, K after RoPE, exactly as a layer computed it, s
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 from dualpath_engine.model import llama
+
+log = logging.getLogger(__name__)
 
 
 class KVCacheError(ValueError):
@@ -283,12 +286,26 @@ class PagedKV:
             self._len[seq] += 1
         return logits
 
+    @property
+    def graphs(self) -> bool:
+        """Whether decode steps are captured as CUDA graphs (off on the CPU, or after a failed capture)."""
+        return self._graphs
+
     def _prepare(self, batch: int, width: int) -> _BucketStep:
         step = _BucketStep(self, batch, width)
         if self._graphs and batch <= GRAPH_MAX_BATCH:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            step.capture(self._graph_pool)
+            try:
+                step.capture(self._graph_pool)
+            except RuntimeError:  # torch.AcceleratorError is a RuntimeError
+                # A capture the driver refuses must not take the engine down: the same padded step
+                # runs eagerly (slower, identical results) from now on.
+                log.exception(
+                    "CUDA graph capture of decode bucket %s failed; decoding without graphs", (batch, width)
+                )
+                self._graphs = False
+                step = _BucketStep(self, batch, width)
         return step
 
     def forward(self, inputs: _StepInputs) -> torch.Tensor:
@@ -380,9 +397,10 @@ class _BucketStep:
                 self._owner.forward(self._inputs)
         torch.cuda.current_stream(self._device_buffer.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the engine's transport threads may use the device (their own streams) while
-        # the device thread captures; only this thread's calls must be capture-safe.
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        # Captured on the warmed-up side stream (its cuBLAS workspace exists already: creating one
+        # is not allowed while capturing). thread_local: the engine's transport threads may use the
+        # device on their own streams while the device thread captures.
+        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
             self._out = self._owner.forward(self._inputs)
         self._graph = graph
 
