@@ -192,10 +192,13 @@ async def online(
         steps = []
         best = 0.0
         with cluster.cluster(workdir / f"online-{topology.name}-{mode}", cfg, topology, mode) as run:
-            for index, rate in enumerate(cfg.online_rates):
+            for rate in cfg.online_rates:
                 count = max(2, int(rate * cfg.online_duration_s * 1.5) + 2)
-                trace_ = trajectories(cfg, count, seed=100 + index)
-                rc = _replay_config(run, cfg, "online", rate=rate, seed=index)
+                # Seeded by the rate, not the ladder position: a rate gets the same trajectories and
+                # arrival times in every ladder, so ladders with different rate lists compare.
+                seed = round(rate * 1000)
+                trace_ = trajectories(cfg, count, seed=100 + seed)
+                rc = _replay_config(run, cfg, "online", rate=rate, seed=seed)
                 rc = rc.model_copy(update={"max_duration_s": cfg.online_duration_s})
                 before = _decode_totals(run, await _counters(run))
                 report = _summary(await workload.replay(trace_, rc))
