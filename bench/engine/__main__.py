@@ -124,6 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--modes", help="offline replays: comma-separated modes (basic,dualpath,...)")
     parser.add_argument("--online-rates", help="online: comma-separated trajectory arrival rates per second")
     parser.add_argument("--online-duration", type=float, metavar="S", help="online: seconds per arrival rate")
+    parser.add_argument(
+        "--online-warmup",
+        type=float,
+        metavar="S",
+        help="online: first seconds of each rate left out of the SLO",
+    )
     args = parser.parse_args(args_list)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
@@ -145,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["online_rates"] = tuple(float(rate) for rate in args.online_rates.split(","))
     if args.online_duration is not None:
         overrides["online_duration_s"] = args.online_duration
+    if args.online_warmup is not None:
+        overrides["online_warmup_s"] = args.online_warmup
     if overrides:
         try:  # validated like the presets (pydantic), so a bad value names its field
             replay_cfg = settings.ReplaySettings.model_validate({**cfg.replay.model_dump(), **overrides})

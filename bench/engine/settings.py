@@ -6,7 +6,7 @@ Read by every section module (:mod:`bench.engine.kvload`, :mod:`.overlap`, :mod:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
 import pydantic
 
@@ -135,6 +135,12 @@ class ReplaySettings(_Frozen):
         default=(), description="Online: trajectory arrival rates (per second) to try, ascending."
     )
     online_duration_s: float = pydantic.Field(default=20.0, gt=0, description="Online: seconds per rate.")
+    online_warmup_s: float = pydantic.Field(
+        default=0.0,
+        ge=0,
+        description="Online: first seconds of each rate whose requests load the cluster but are left out "
+        "of the SLO statistics, so the judged window is nearer steady state (0 = every request counts).",
+    )
     ttft_slo_s: float = pydantic.Field(
         default=4.0,
         gt=0,
@@ -145,6 +151,15 @@ class ReplaySettings(_Frozen):
         default=0.05, gt=0, description="Online SLO: mean TPOT (s), judged as is (one decode step)."
     )
     time_limit_s: float = pydantic.Field(default=120.0, gt=0, description="Timeout of one replay (s).")
+
+    @pydantic.model_validator(mode="after")
+    def _check_warmup(self) -> Self:
+        if self.online_warmup_s >= self.online_duration_s:
+            raise ValueError(
+                f"online_warmup_s ({self.online_warmup_s}) must be shorter than online_duration_s "
+                f"({self.online_duration_s}): no request would be judged"
+            )
+        return self
 
 
 class BenchSettings(_Frozen):

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from bench.engine import cluster, kvload, overlap, report, settings
+from bench.engine import cluster, kvload, overlap, replay, report, settings
+from dualpath_engine.workload import replay as workload
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -94,3 +95,20 @@ def test_placement_puts_prefill_and_decode_engines_on_separate_gpus() -> None:
     assert gpus(1, 3, 4) == [0, 1, 2, 3]
     assert gpus(2, 2, 4) == [0, 1, 2, 3]
     assert gpus(1, 2, 0) == [None, None, None]
+
+
+def _result(started_s: float, ttft_s: float, error: str | None = None) -> workload.RequestResult:
+    return workload.RequestResult("t", 0, started_s, 10, (1, 2), 0, ttft_s, 0.01, ttft_s + 0.02, error)
+
+
+def test_online_warmup_leaves_early_requests_out_of_the_judged_window() -> None:
+    results = (_result(0.5, 9.0), _result(1.0, 9.0, "boom"), _result(3.0, 0.1), _result(4.0, 0.3))
+    summary = workload.Summary.of([])
+    rep = workload.Report("dualpath", 5.0, 4, 1, 2, 2, 40, 0, 8, summary, summary, summary, (), results)
+    window = replay.after_warmup(rep, 2.0)
+    assert (window["requests"], window["failed_requests"]) == (2, 0)
+    assert window["ttft_s"]["mean"] == pytest.approx(0.2)
+    assert replay.within_slo(window, ttft_s=0.25, tpot_s=0.05)
+    assert not replay.within_slo(replay.after_warmup(rep, 0.0), ttft_s=0.25, tpot_s=0.05)  # the failure
+    with pytest.raises(ValueError, match="online_warmup_s"):
+        settings.ReplaySettings(online_duration_s=10.0, online_warmup_s=10.0)
