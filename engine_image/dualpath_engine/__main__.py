@@ -60,7 +60,7 @@ def _engine(argv: Sequence[str]) -> int:
     )
 
     def ready(info: dict[str, object]) -> None:
-        print(service.ready_line(info), flush=True)
+        print(service.ready_line({**info, "decode_kv": runner.decode_store}), flush=True)
 
     factory: service.TransportFactory | None = None
     if engine_config.transport.kind == "cuda":

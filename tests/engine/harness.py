@@ -33,6 +33,8 @@ class Engine:
     process: procs.ReadyProcess
     engine_id: str
     http: str
+    ready: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The engine's ``ready {json}`` line."""
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """All samples of the engine's /metrics, keyed by (name, sorted labels)."""
@@ -181,7 +183,7 @@ def cluster(
         engines = []
         for process, name in pending:
             info = json.loads(process.wait_ready(90).removeprefix("ready "))
-            engines.append(Engine(process, name, str(info["http"])))
+            engines.append(Engine(process, name, str(info["http"]), info))
         for engine in engines:
             wait_for(f"{engine.engine_id} healthy", lambda e=engine: _healthy(e), 30)
         yield Cluster(workdir, url, scheduler, engines[0], engines[1:])

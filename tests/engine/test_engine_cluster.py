@@ -192,11 +192,16 @@ def test_role_switch_in_place_keeps_serving_identical_tokens(
         assert pe.metric("dualpath_engine_steps_total", role="prefill") == 0
 
 
+@pytest.mark.parametrize("decode_attention", ["per_sequence", "paged"])
 def test_concurrent_sessions_batch_together_and_each_matches_recompute(
-    tmp_path: pathlib.Path, reference_model: llama.Decoder
+    tmp_path: pathlib.Path, reference_model: llama.Decoder, decode_attention: str
 ) -> None:
+    """Concurrent sessions share decode steps and each gets the recompute tokens, with either decode KV
+    store (``runner.decode_attention``; paged on the CPU runs the padded bucket steps without graphs)."""
     texts = [f"Session {i}: " + "please keep working on the task at hand. " * (1 + i % 3) for i in range(6)]
-    with harness.cluster(tmp_path) as cluster:
+    extra = {"runner": {"decode_attention": decode_attention}}
+    with harness.cluster(tmp_path, engine_extra=extra) as cluster:
+        assert {de.ready["decode_kv"] for de in cluster.decodes} == {decode_attention}
         histories = [tok.encode(text, bos=True) for text in texts]
         for turn in range(2):
             results: dict[int, list[int]] = {}

@@ -168,6 +168,13 @@ class TorchRunner:
         return self._kv
 
     @property
+    def decode_store(self) -> str:
+        """What decodes: ``paged+graphs``, ``paged`` or ``per_sequence`` (printed in the ready line)."""
+        if isinstance(self._kv, kvcache.PagedKV):
+            return "paged+graphs" if self._kv.graphs else "paged"
+        return "per_sequence"
+
+    @property
     def num_layers(self) -> int:
         """Decoder layers."""
         return self._model.geo.num_layers
