@@ -179,7 +179,8 @@ class DecoderLayer(nn.Module):
 
         ``cached_kv[i]`` is segment i's KV [cached, 2, kv_heads, head_dim] for this layer; ``rot`` the
         angles of the segments' positions (computed here when not given). Used by prefill; a decode
-        step over device-resident KV calls :meth:`project`, a ``model.kvcache`` step and :meth:`complete`.
+        step over device-resident KV (``model.kvcache``) calls :meth:`project`, attends with the store's
+        own kernel and then calls :meth:`complete`.
         """
         geo = self.geo
         if rot is None:
