@@ -15,7 +15,10 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
+
+log = logging.getLogger("dualpath_engine")
 
 
 def _engine(argv: Sequence[str]) -> int:
@@ -58,6 +61,14 @@ def _engine(argv: Sequence[str]) -> int:
         cuda_graphs=engine_config.runner.cuda_graphs,
         pool_tokens=max(1, engine_config.kv.host_buffer_bytes // engine_config.model.kv_bytes_per_token),
     )
+
+    if engine_config.role == "decode" and device.type == "cuda" and engine_config.runner.warmup_batch:
+        started = time.perf_counter()
+        buckets = runner.warm_up(engine_config.runner.warmup_batch, engine_config.model.max_context_tokens)
+        if buckets:
+            log.info(
+                "decode warm-up: %d step buckets ready in %.1f s", buckets, time.perf_counter() - started
+            )
 
     def ready(info: dict[str, object]) -> None:
         print(service.ready_line({**info, "decode_kv": runner.decode_store}), flush=True)

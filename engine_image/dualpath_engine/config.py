@@ -272,6 +272,14 @@ class RunnerConfig(_Frozen):
         description="Replay paged decode steps as CUDA graphs, one per (batch, page-table width) bucket "
         "(cuda only; off = the same padded step launched kernel by kernel).",
     )
+    warmup_batch: int = pydantic.Field(
+        default=64,
+        ge=0,
+        le=256,
+        description="A decode engine on cuda with the paged store captures the CUDA graphs of decode steps "
+        "of up to this many sequences of up to model.max_context_tokens at start, so serving never pauses "
+        "for a capture; 0 = capture each when first needed.",
+    )
 
 
 class EngineConfig(_Frozen):

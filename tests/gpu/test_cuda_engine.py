@@ -206,6 +206,31 @@ def test_decode_graphs_are_captured_on_the_engines_device_thread() -> None:
     assert store.graphs and store.buckets  # captured, not fallen back to eager
 
 
+def test_warm_up_captures_the_decode_graphs_before_serving() -> None:
+    """What a decode engine on CUDA does at start (``runner.warmup_batch``): every bucket is captured
+    then, serving adds none, and the replayed graphs give the eager tokens."""
+    geometry = config.ModelConfig(num_layers=4, hidden_size=128, num_heads=8, num_kv_heads=2, head_dim=16)
+    device = torch.device("cuda")
+    graphed = torch_runner.TorchRunner(loader.build(geometry), device)
+    eager = torch_runner.TorchRunner(loader.build(geometry), device, cuda_graphs=False)
+    assert graphed.warm_up(max_batch=8, max_tokens=256) == 4 * 5  # batches 1..8, widths 1..16 pages
+    store = graphed.kv_store
+    assert isinstance(store, kvcache.PagedKV) and store.graphs
+    prepared = store.buckets
+    width = graphed.kv_bytes_per_token_layer
+    gen = torch.Generator().manual_seed(5)
+    for index, tokens in enumerate((1, 90, 200)):
+        kv = torch.randn(geometry.num_layers, tokens, width // 4, generator=gen).view(torch.uint8).numpy()
+        graphed.load_sequence(f"s{index}", kv)
+        eager.load_sequence(f"s{index}", kv)
+    batch = [(f"s{i}", 3 + i) for i in range(3)]
+    for _ in range(10):
+        got = graphed.decode(batch)
+        assert got == eager.decode(batch)
+        batch = [(seq, token) for (seq, _), token in zip(batch, got, strict=True)]
+    assert store.buckets == prepared
+
+
 def test_full_block_h2d_through_the_pinned_arena_reaches_the_ceiling(copier: cuda.LayerCopier) -> None:
     slots = list(range(BLOCKS))
     dst = torch.empty(BLOCKS * FULL_BLOCK, dtype=torch.uint8, device="cuda")

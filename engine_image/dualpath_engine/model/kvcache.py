@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -291,13 +292,40 @@ class PagedKV:
         """Whether decode steps are captured as CUDA graphs (off on the CPU, or after a failed capture)."""
         return self._graphs
 
+    def warm_up(self, max_batch: int, max_tokens: int) -> int:
+        """Prepare every bucket up to ``max_batch`` sequences of up to ``max_tokens`` tokens now (on CUDA:
+        capture its graph), so that serving never stops for a capture; returns the buckets ready.
+
+        A capture costs a few decode steps' time; captured while serving, it stalls every sequence of
+        that step. Buckets beyond these, and all of them after the pool grows, are captured on demand.
+        """
+        if self._pool is None:
+            self._grow(self._initial_pages)
+        widest = _bucket(math.ceil(max_tokens / self.page_tokens))
+        batch = 1
+        while batch <= _bucket(max_batch):
+            width = 1
+            while width <= widest:
+                if (batch, width) not in self._steps:
+                    self._steps[(batch, width)] = self._prepare(batch, width)
+                width *= 2
+            batch *= 2
+        return len(self._steps)
+
     def _prepare(self, batch: int, width: int) -> _BucketStep:
         step = _BucketStep(self, batch, width)
         if self._graphs and batch <= GRAPH_MAX_BATCH:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
+            started = time.perf_counter()
             try:
                 step.capture(self._graph_pool)
+                log.info(
+                    "captured the decode graph of %d sequences x %d pages in %.1f ms",
+                    batch,
+                    width,
+                    (time.perf_counter() - started) * 1e3,
+                )
             except RuntimeError:  # torch.AcceleratorError is a RuntimeError
                 # A capture the driver refuses must not take the engine down: the same padded step
                 # runs eagerly (slower, identical results) from now on.

@@ -174,6 +174,13 @@ class TorchRunner:
             return "paged+graphs" if self._kv.graphs else "paged"
         return "per_sequence"
 
+    def warm_up(self, max_batch: int, max_tokens: int) -> int:
+        """Prepare the paged store's decode buckets (CUDA graphs) up to ``max_batch`` sequences of
+        ``max_tokens`` tokens ahead of serving; 0 with the per-sequence store (nothing to prepare)."""
+        if isinstance(self._kv, kvcache.PagedKV):
+            return self._kv.warm_up(max_batch, max_tokens)
+        return 0
+
     @property
     def num_layers(self) -> int:
         """Decoder layers."""

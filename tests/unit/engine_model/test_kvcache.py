@@ -178,3 +178,18 @@ def test_steps_run_in_power_of_two_buckets_prepared_once_and_again_after_the_poo
     assert store.buckets == []  # the pool grew: prepared steps (graphs on CUDA) pointed at the old one
     store.decode(["a", "d"], [1, 2])
     assert store.buckets == [(2, 16)]
+
+
+def test_warm_up_prepares_every_bucket_up_to_the_limits_and_serving_adds_none() -> None:
+    runner = torch_runner.TorchRunner(loader.build(MODEL), CPU, decode_attention="paged", page_tokens=4)
+    assert runner.warm_up(max_batch=5, max_tokens=30) == 4 * 4  # batches 1..8, widths 1..8 pages
+    store = runner.kv_store
+    assert isinstance(store, kvcache.PagedKV)
+    prepared = store.buckets
+    assert prepared == [(b, w) for b in (1, 2, 4, 8) for w in (1, 2, 4, 8)]
+    for index, tokens in enumerate((3, 12, 29)):
+        runner.load_sequence(f"s{index}", _kv(tokens, seed=index))
+    runner.decode([("s0", 1), ("s1", 2), ("s2", 3)])
+    assert store.buckets == prepared
+    per_sequence = torch_runner.TorchRunner(loader.build(MODEL), CPU, decode_attention="per_sequence")
+    assert per_sequence.warm_up(max_batch=5, max_tokens=30) == 0
