@@ -125,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--online-rates", help="online: comma-separated trajectory arrival rates per second")
     parser.add_argument("--online-duration", type=float, metavar="S", help="online: seconds per arrival rate")
     parser.add_argument(
+        "--online-refine", type=int, metavar="N", help="online: bisection steps after the ladder, per mode"
+    )
+    parser.add_argument(
         "--online-warmup",
         type=float,
         metavar="S",
@@ -151,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["online_rates"] = tuple(float(rate) for rate in args.online_rates.split(","))
     if args.online_duration is not None:
         overrides["online_duration_s"] = args.online_duration
+    if args.online_refine is not None:
+        overrides["online_refine"] = args.online_refine
     if args.online_warmup is not None:
         overrides["online_warmup_s"] = args.online_warmup
     if overrides:

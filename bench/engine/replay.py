@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import statistics
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from bench.engine import cluster, settings
@@ -176,14 +176,41 @@ def within_slo(report: dict[str, Any], ttft_s: float, tpot_s: float) -> bool:
     )
 
 
-def capacity(steps: Sequence[dict[str, Any]], ttft_s: float, tpot_s: float) -> float:
-    """Highest rate of an ascending ladder whose steps up to it all meet the SLO (0 if the first fails)."""
-    best = 0.0
-    for step in steps:
-        if not within_slo(step, ttft_s, tpot_s):
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    """What a capacity search found: every step measured (in order), the highest rate within the SLO
+    (0 when the first fails) and the lowest rate seen beyond it (None when every step passed)."""
+
+    steps: list[dict[str, Any]]
+    within: float
+    beyond: float | None
+
+
+async def search_capacity(
+    rates: Sequence[float], refine: int, measure: Callable[[float], Awaitable[dict[str, Any]]]
+) -> Capacity:
+    """Climb the ascending ``rates`` until a step breaks the SLO (``measure(rate)["within_slo"]``), then
+    bisect ``refine`` times between the highest passing and the first failing rate."""
+    steps: list[dict[str, Any]] = []
+    within, beyond = 0.0, None
+    for rate in rates:
+        step = await measure(rate)
+        steps.append(step)
+        if not step["within_slo"]:
+            beyond = rate
             break
-        best = float(step["rate"])
-    return best
+        within = rate
+    for _ in range(refine):
+        if beyond is None:
+            break
+        rate = round((within + beyond) / 2, 4)
+        step = await measure(rate)
+        steps.append(step)
+        if step["within_slo"]:
+            within = rate
+        else:
+            beyond = rate
+    return Capacity(steps, within, beyond)
 
 
 def slo(cfg: settings.ReplaySettings) -> tuple[float, float]:
@@ -198,14 +225,14 @@ async def online(
     topology: settings.Topology,
     modes: Sequence[str] = ("basic", "dualpath"),
 ) -> dict[str, Any]:
-    """Capacity (highest rate within the scaled SLO) of each mode; rates climb until the SLO breaks."""
+    """Capacity (highest rate within the scaled SLO) of each mode: rates climb until the SLO breaks, then
+    ``cfg.online_refine`` bisection steps narrow the bracket."""
     ttft_slo, tpot_slo = slo(cfg)
     results: dict[str, Any] = {}
     for mode in modes:
-        steps = []
-        best = 0.0
         with cluster.cluster(workdir / f"online-{topology.name}-{mode}", cfg, topology, mode) as run:
-            for rate in cfg.online_rates:
+
+            async def measure(rate: float, run: cluster.Cluster = run) -> dict[str, Any]:
                 count = max(2, int(rate * cfg.online_duration_s * 1.5) + 2)
                 # Seeded by the rate, not the ladder position: a rate gets the same trajectories and
                 # arrival times in every ladder, so ladders with different rate lists compare.
@@ -222,17 +249,23 @@ async def online(
                     step["all_requests"] = {key: report[key] for key in ("requests", "ttft_s", "tpot_s")}
                     report = {**report, **after_warmup(replayed, cfg.online_warmup_s)}
                 ok = within_slo(report, ttft_slo, tpot_slo)
-                steps.append({**step, "within_slo": ok, **report, "decode_step_ms": _per_step(before, after)})
-                if not ok:
-                    break
-                best = rate
-        results[mode] = {"capacity_rate": best, "steps": steps}
+                return {**step, "within_slo": ok, **report, "decode_step_ms": _per_step(before, after)}
+
+            found = await search_capacity(cfg.online_rates, cfg.online_refine, measure)
+        results[mode] = {"capacity_rate": found.within, "beyond_rate": found.beyond, "steps": found.steps}
     out: dict[str, Any] = {
         "topology": topology.name,
         "slo": {"ttft_mean_s": ttft_slo, "tpot_mean_s": tpot_slo, "paper_ttft_mean_s": cfg.ttft_slo_s},
         "modes": results,
     }
-    basic = results.get("basic", {}).get("capacity_rate", 0.0)
-    dual = results.get("dualpath", {}).get("capacity_rate", 0.0)
-    out["capacity_dualpath_over_basic"] = dual / basic if basic else None
+    basic = results.get("basic", {})
+    dual = results.get("dualpath", {})
+    basic_within, dual_within = basic.get("capacity_rate", 0.0), dual.get("capacity_rate", 0.0)
+    out["capacity_dualpath_over_basic"] = dual_within / basic_within if basic_within else None
+    # Where each true capacity lies, [within, beyond): the ratio lies between these two bounds.
+    if basic.get("beyond_rate") and dual.get("beyond_rate") and basic_within:
+        out["capacity_ratio_bounds"] = [
+            dual_within / basic["beyond_rate"],
+            dual["beyond_rate"] / basic_within,
+        ]
     return out

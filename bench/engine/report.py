@@ -151,6 +151,12 @@ def online(data: dict[str, Any]) -> list[str]:
     lines.append(
         f"Capacity DualPath / Basic = {_ratio(data.get('capacity_dualpath_over_basic'), 'goal >= 2.5')}."
     )
+    bounds = data.get("capacity_ratio_bounds")
+    if bounds:
+        within = {mode: result["capacity_rate"] for mode, result in data["modes"].items()}
+        beyond = {mode: result.get("beyond_rate") for mode, result in data["modes"].items()}
+        brackets = ", ".join(f"{mode} [{within[mode]}, {beyond[mode]})" for mode in within)
+        lines.append(f"Capacities lie in {brackets}: the ratio lies in [{bounds[0]:.2f}, {bounds[1]:.2f}).")
     return lines
 
 

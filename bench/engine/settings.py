@@ -135,6 +135,13 @@ class ReplaySettings(_Frozen):
         default=(), description="Online: trajectory arrival rates (per second) to try, ascending."
     )
     online_duration_s: float = pydantic.Field(default=20.0, gt=0, description="Online: seconds per rate.")
+    online_refine: int = pydantic.Field(
+        default=0,
+        ge=0,
+        le=8,
+        description="Online: bisection steps between the highest passing and the first failing rate of "
+        "the ladder, per mode (each one more step of online_duration_s).",
+    )
     online_warmup_s: float = pydantic.Field(
         default=0.0,
         ge=0,

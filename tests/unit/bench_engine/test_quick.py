@@ -112,3 +112,46 @@ def test_online_warmup_leaves_early_requests_out_of_the_judged_window() -> None:
     assert not replay.within_slo(replay.after_warmup(rep, 0.0), ttft_s=0.25, tpot_s=0.05)  # the failure
     with pytest.raises(ValueError, match="online_warmup_s"):
         settings.ReplaySettings(online_duration_s=10.0, online_warmup_s=10.0)
+
+
+def _search(rates: list[float], refine: int, limit: float) -> replay.Capacity:
+    async def measure(rate: float) -> dict[str, Any]:
+        return {"rate": rate, "within_slo": rate <= limit}
+
+    return asyncio.run(replay.search_capacity(rates, refine, measure))
+
+
+def test_capacity_search_climbs_then_bisects_the_bracket() -> None:
+    found = _search([0.25, 0.5, 1.0, 2.0], refine=2, limit=0.7)
+    assert [step["rate"] for step in found.steps] == [0.25, 0.5, 1.0, 0.75, 0.625]
+    assert (found.within, found.beyond) == (0.625, 0.75)
+    assert _search([0.25, 0.5], refine=3, limit=9.0).beyond is None  # never failed: nothing to bisect
+    first_fails = _search([0.5, 1.0], refine=1, limit=0.3)
+    assert (first_fails.within, first_fails.beyond) == (0.25, 0.5)  # bisected from [0, 0.5)
+
+
+def test_online_summary_states_the_capacity_bracket() -> None:
+    def step(rate: float, ok: bool) -> dict[str, Any]:
+        return {"rate": rate, "within_slo": ok, "ttft_s": {"mean": 0.1}, "tpot_s": {"mean": 0.002},
+                "requests": 10, "failed_requests": 0}  # fmt: skip
+
+    data = {
+        "topology": "1P2D",
+        "slo": {"ttft_mean_s": 0.25, "tpot_mean_s": 0.05},
+        "modes": {
+            "basic": {
+                "capacity_rate": 0.375,
+                "beyond_rate": 0.4,
+                "steps": [step(0.375, True), step(0.4, False)],
+            },
+            "dualpath": {
+                "capacity_rate": 0.9,
+                "beyond_rate": 0.95,
+                "steps": [step(0.9, True), step(0.95, False)],
+            },
+        },
+        "capacity_dualpath_over_basic": 2.4,
+        "capacity_ratio_bounds": [0.9 / 0.4, 0.95 / 0.375],
+    }
+    text = "\n".join(report.online(data))
+    assert "basic [0.375, 0.4), dualpath [0.9, 0.95): the ratio lies in [2.25, 2.53)" in text
