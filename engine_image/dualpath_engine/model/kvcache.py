@@ -68,24 +68,42 @@ class DeviceKV(Protocol):
         ...
 
 
-def _check_distinct_known(seq_ids: Sequence[str], known: dict[str, int]) -> list[int]:
-    if len(set(seq_ids)) != len(seq_ids):
-        raise KVCacheError("a decode step lists a sequence twice")
-    unknown = [seq for seq in seq_ids if seq not in known]
-    if unknown:
-        raise KVCacheError(f"decode of unknown sequences {unknown}")
-    return [known[seq] for seq in seq_ids]
+class _Lengths:
+    """Tokens of KV each held sequence has: what both stores count the same way."""
+
+    def __init__(self) -> None:
+        self._len: dict[str, int] = {}
+
+    def length(self, seq_id: str) -> int:
+        """See :meth:`DeviceKV.length`."""
+        if seq_id not in self._len:
+            raise KVCacheError(f"unknown sequence {seq_id}")
+        return self._len[seq_id]
+
+    def _step_lengths(self, seq_ids: Sequence[str]) -> list[int]:
+        """The lengths of a decode step's sequences, which must be distinct and held."""
+        if len(set(seq_ids)) != len(seq_ids):
+            raise KVCacheError("a decode step lists a sequence twice")
+        unknown = [seq for seq in seq_ids if seq not in self._len]
+        if unknown:
+            raise KVCacheError(f"decode of unknown sequences {unknown}")
+        return [self._len[seq] for seq in seq_ids]
+
+    def _advance(self, seq_ids: Sequence[str]) -> None:
+        """A decode step ran: each of its sequences holds one more token."""
+        for seq in seq_ids:
+            self._len[seq] += 1
 
 
-class SequenceKV:
+class SequenceKV(_Lengths):
     """One growing device tensor per sequence; attention per sequence in place."""
 
     def __init__(self, model: llama.Decoder, device: torch.device) -> None:
+        super().__init__()
         self._model = model
         self._geo = model.geo
         self._device = device
         self._kv: dict[str, torch.Tensor] = {}
-        self._len: dict[str, int] = {}
 
     def _reserve(self, seq_id: str, tokens: int) -> torch.Tensor:
         store = self._kv.get(seq_id)
@@ -110,12 +128,6 @@ class SequenceKV:
         self._reserve(seq_id, tokens + 1)[:, :tokens] = kv
         self._len[seq_id] = tokens
 
-    def length(self, seq_id: str) -> int:
-        """See :meth:`DeviceKV.length`."""
-        if seq_id not in self._len:
-            raise KVCacheError(f"unknown sequence {seq_id}")
-        return self._len[seq_id]
-
     def read(self, seq_id: str, start: int, end: int) -> torch.Tensor:
         """See :meth:`DeviceKV.read`."""
         _check_range(seq_id, start, end, self.length(seq_id))
@@ -128,27 +140,23 @@ class SequenceKV:
 
     def decode(self, seq_ids: Sequence[str], tokens: Sequence[int]) -> torch.Tensor:
         """See :meth:`DeviceKV.decode`."""
-        lengths = _check_distinct_known(seq_ids, self._len)
+        lengths = self._step_lengths(seq_ids)
         stores = [self._reserve(seq, n + 1) for seq, n in zip(seq_ids, lengths, strict=True)]
-        model, geo = self._model, self._geo
-        with torch.no_grad():
-            hidden = model.embed_tokens(torch.tensor(list(tokens), dtype=torch.long).to(self._device))
-            positions = torch.tensor(lengths, dtype=torch.long).to(self._device)
-            rot = llama.rotary(positions, geo.head_dim, geo.rope_theta)
-            for layer in range(geo.num_layers):
-                block = model.block(layer)
-                query, key, value = block.project(hidden, rot)
-                new_kv = torch.stack((key, value), dim=1)
-                outs = []
-                for index, (store, n) in enumerate(zip(stores, lengths, strict=True)):
-                    view = store[layer, : n + 1]
-                    view[n] = new_kv[index]
-                    segment = llama.Segment(cached=n, length=1)
-                    outs.append(llama.attend(query[index : index + 1], view, segment))
-                hidden = block.complete(hidden, torch.cat(outs, dim=0).flatten(1))
-            logits = model.logits(hidden)
-        for seq in seq_ids:
-            self._len[seq] += 1
+
+        def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            new_kv = torch.stack((key, value), dim=1)
+            outs = []
+            for index, (store, n) in enumerate(zip(stores, lengths, strict=True)):
+                view = store[layer, : n + 1]
+                view[n] = new_kv[index]
+                segment = llama.Segment(cached=n, length=1)
+                outs.append(llama.attend(query[index : index + 1], view, segment))
+            return torch.cat(outs, dim=0).flatten(1)
+
+        ids = torch.tensor(list(tokens), dtype=torch.long).to(self._device)
+        positions = torch.tensor(lengths, dtype=torch.long).to(self._device)
+        logits = self._model.decode_step(ids, positions, attend)
+        self._advance(seq_ids)
         return logits
 
 
@@ -164,7 +172,7 @@ def _bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-class PagedKV:
+class PagedKV(_Lengths):
     """A paged pool shared by all sequences; one gather and one attention call per layer and step."""
 
     def __init__(
@@ -180,6 +188,7 @@ class PagedKV:
             raise KVCacheError(
                 f"page_tokens ({page_tokens}) and initial_tokens ({initial_tokens}) must be >= 1"
             )
+        super().__init__()
         self._model = model
         self._geo = model.geo
         self._device = device
@@ -189,7 +198,6 @@ class PagedKV:
         self._pool: torch.Tensor | None = None
         self._free: list[int] = []
         self._pages: dict[str, list[int]] = {}
-        self._len: dict[str, int] = {}
         self._steps: dict[tuple[int, int], _BucketStep] = {}
         self._graph_pool: Any = None  # torch.cuda.graph_pool_handle(), shared by every bucket's graph
 
@@ -257,12 +265,6 @@ class PagedKV:
         if tokens:
             self.pool.index_copy_(1, self._slots(seq_id, 0, tokens), kv.to(self.pool.dtype))
 
-    def length(self, seq_id: str) -> int:
-        """See :meth:`DeviceKV.length`."""
-        if seq_id not in self._len:
-            raise KVCacheError(f"unknown sequence {seq_id}")
-        return self._len[seq_id]
-
     def read(self, seq_id: str, start: int, end: int) -> torch.Tensor:
         """See :meth:`DeviceKV.read`."""
         _check_range(seq_id, start, end, self.length(seq_id))
@@ -275,16 +277,12 @@ class PagedKV:
 
     def decode(self, seq_ids: Sequence[str], tokens: Sequence[int]) -> torch.Tensor:
         """See :meth:`DeviceKV.decode`."""
-        lengths = _check_distinct_known(seq_ids, self._len)
+        lengths = self._step_lengths(seq_ids)
         tables = [self._take(seq, n + 1) for seq, n in zip(seq_ids, lengths, strict=True)]
-        key = (_bucket(len(seq_ids)), _bucket(max(len(table) for table in tables)))
-        step = self._steps.get(key)
-        if step is None:
-            step = self._steps[key] = self._prepare(*key)
+        step = self._step(_bucket(len(seq_ids)), _bucket(max(len(table) for table in tables)))
         step.fill(tokens, lengths, tables)
         logits = step.run()[: len(seq_ids)]
-        for seq in seq_ids:
-            self._len[seq] += 1
+        self._advance(seq_ids)
         return logits
 
     @property
@@ -296,8 +294,9 @@ class PagedKV:
         """Prepare every bucket up to ``max_batch`` sequences of up to ``max_tokens`` tokens now (on CUDA:
         capture its graph), so that serving never stops for a capture; returns the buckets ready.
 
-        A capture costs a few decode steps' time; captured while serving, it stalls every sequence of
-        that step. Buckets beyond these, and all of them after the pool grows, are captured on demand.
+        A capture runs the step three times (two warm-up runs, then the recording); done while serving,
+        it stalls every sequence of that step. Buckets beyond these, and all of them after the pool
+        grows, are captured on demand.
         """
         if self._pool is None:
             self._grow(self._initial_pages)
@@ -306,11 +305,17 @@ class PagedKV:
         while batch <= _bucket(max_batch):
             width = 1
             while width <= widest:
-                if (batch, width) not in self._steps:
-                    self._steps[(batch, width)] = self._prepare(batch, width)
+                self._step(batch, width)
                 width *= 2
             batch *= 2
         return len(self._steps)
+
+    def _step(self, batch: int, width: int) -> _BucketStep:
+        """The prepared step of a bucket, prepared (and on CUDA captured) the first time it is needed."""
+        step = self._steps.get((batch, width))
+        if step is None:
+            step = self._steps[(batch, width)] = self._prepare(batch, width)
+        return step
 
     def _prepare(self, batch: int, width: int) -> _BucketStep:
         step = _BucketStep(self, batch, width)
@@ -338,21 +343,17 @@ class PagedKV:
 
     def forward(self, inputs: _StepInputs) -> torch.Tensor:
         """The padded decode step over the pool: float32 logits [batch, vocab] (captured on CUDA)."""
-        model, geo, pool = self._model, self._geo, self.pool
+        pool = self.pool
         batch, width = inputs.table.shape
-        with torch.no_grad():
-            hidden = model.embed_tokens(inputs.ids)
-            rot = llama.rotary(inputs.positions, geo.head_dim, geo.rope_theta)
-            for layer in range(geo.num_layers):
-                block = model.block(layer)
-                query, key, value = block.project(hidden, rot)
-                layer_kv = pool[layer]
-                layer_kv.index_copy_(0, inputs.write, torch.stack((key, value), dim=1))
-                pages = layer_kv.view(-1, self.page_tokens, *layer_kv.shape[1:])
-                gathered = pages[inputs.table].view(batch, width * self.page_tokens, *layer_kv.shape[1:])
-                attn = llama.attend_padded(query, gathered, inputs.lengths)
-                hidden = block.complete(hidden, attn.flatten(1))
-            return model.logits(hidden)
+
+        def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            layer_kv = pool[layer]
+            layer_kv.index_copy_(0, inputs.write, torch.stack((key, value), dim=1))
+            pages = layer_kv.view(-1, self.page_tokens, *layer_kv.shape[1:])
+            gathered = pages[inputs.table].view(batch, width * self.page_tokens, *layer_kv.shape[1:])
+            return llama.attend_padded(query, gathered, inputs.lengths).flatten(1)
+
+        return self._model.decode_step(inputs.ids, inputs.positions, attend)
 
 
 class _StepInputs:

@@ -303,6 +303,27 @@ class Decoder(nn.Module):
         """Decoder layer ``layer``."""
         return typing.cast(DecoderLayer, self.layers[layer])
 
+    def decode_step(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        attend: typing.Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """One decode token per sequence through every layer: float32 logits [batch, vocab].
+
+        ``ids`` and ``positions`` are [batch] on the model's device; ``attend(layer, query, key, value)``
+        stores the layer's new K/V wherever the caller keeps KV and returns the attention output
+        [batch, heads * head_dim] (the ``model.kvcache`` stores each pass their own).
+        """
+        with torch.no_grad():
+            hidden = self.embed_tokens(ids)
+            rot = rotary(positions, self.geo.head_dim, self.geo.rope_theta)
+            for layer in range(self.geo.num_layers):
+                block = self.block(layer)
+                query, key, value = block.project(hidden, rot)
+                hidden = block.complete(hidden, attend(layer, query, key, value))
+            return self.logits(hidden)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [rows, vocab] for final hidden rows.
 
