@@ -26,6 +26,7 @@ from prometheus_client import parser
 
 from bench.engine import settings
 from dualpath_engine import tokenizer
+from dualpath_engine.engine import prefill
 from tests.cluster import processes as procs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -218,20 +219,37 @@ NIC_KEYS = ("storage_rx", "storage_tx", "compute_rx", "compute_tx")
 """Bytes counted by an engine's NICs, by NIC kind and direction."""
 DECODE_KEYS = ("steps", "compute", "queue", "host")
 """Decode steps run and their seconds by part (``dualpath_engine_decode_step_seconds_total``)."""
+PREFILL_KEYS = ("tasks", *(f"task_{part}" for part in prefill.TASK_PARTS))
+"""Prefill tasks completed and their seconds by part (``dualpath_engine_prefill_task_seconds_total``)."""
+BATCH_SERIES = {
+    "dualpath_engine_decode_batch_steps_total": "steps",
+    "dualpath_engine_decode_batch_tokens_total": "tokens",
+    "dualpath_engine_decode_batch_step_seconds_total": "seconds",
+}
+"""Decode-by-batch-size counters, keyed ``batch:<bucket>:<what>`` in :func:`counters`."""
 
 
 async def counters(engine: Engine) -> dict[str, float]:
-    """One scrape of the engine's ``/metrics``: the :data:`NIC_KEYS` bytes and :data:`DECODE_KEYS`."""
+    """One scrape of the engine's ``/metrics``: the :data:`NIC_KEYS` bytes, :data:`DECODE_KEYS`,
+    :data:`PREFILL_KEYS` and, per decode batch-size bucket seen, ``batch:<bucket>:steps|tokens|seconds``."""
     text = await asyncio.to_thread(_fetch, engine.http + "/metrics")
-    out = dict.fromkeys((*NIC_KEYS, *DECODE_KEYS), 0.0)
+    out = dict.fromkeys((*NIC_KEYS, *DECODE_KEYS, *PREFILL_KEYS), 0.0)
     for family in parser.text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "dualpath_engine_nic_bytes_total":
-                out[f"{sample.labels['kind']}_{sample.labels['direction']}"] += sample.value
-            elif sample.name == "dualpath_engine_decode_step_seconds_total":
-                out[sample.labels["part"]] += sample.value
-            elif sample.name == "dualpath_engine_steps_total" and sample.labels.get("role") == "decode":
+            name, labels = sample.name, sample.labels
+            if name == "dualpath_engine_nic_bytes_total":
+                out[f"{labels['kind']}_{labels['direction']}"] += sample.value
+            elif name == "dualpath_engine_decode_step_seconds_total":
+                out[labels["part"]] += sample.value
+            elif name == "dualpath_engine_steps_total" and labels.get("role") == "decode":
                 out["steps"] += sample.value
+            elif name == "dualpath_engine_prefill_tasks_total":
+                out["tasks"] += sample.value
+            elif name == "dualpath_engine_prefill_task_seconds_total":
+                out[f"task_{labels['part']}"] += sample.value
+            elif name in BATCH_SERIES:
+                key = f"batch:{labels['batch']}:{BATCH_SERIES[name]}"
+                out[key] = out.get(key, 0.0) + sample.value
     return out
 
 

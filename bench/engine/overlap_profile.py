@@ -55,8 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 point.sync()
         prof.export_chrome_trace(str(out / f"overlap-{appended}.json"))
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
-        (out / f"overlap-{appended}.txt").write_text(table)
-        print(f"appended {appended}: trace written; top kernels:\n{table}", flush=True)
+        # Where the CPU's time goes: a CUDA runtime call that blocks (a launch queue that is full, a
+        # synchronising copy or allocation) shows up as a large self CPU time.
+        cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        (out / f"overlap-{appended}.txt").write_text(f"{table}\n{cpu}")
+        print(f"appended {appended}: trace written; top kernels:\n{table}\ntop CPU:\n{cpu}", flush=True)
     return 0
 
 

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from bench.engine import cluster, settings
+from dualpath_engine.engine import prefill
 from dualpath_engine.workload import replay as workload
 from dualpath_engine.workload import trace
 
@@ -57,16 +58,79 @@ def _nic_bytes(counters: dict[str, dict[str, float]]) -> dict[str, dict[str, flo
     return {name: {key: values[key] for key in cluster.NIC_KEYS} for name, values in counters.items()}
 
 
-def _decode_totals(run: cluster.Cluster, counters: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Decode counters summed over the decode engines."""
-    decoders = [counters[engine.name] for engine in run.engines if engine.role == "decode"]
-    return {key: sum(values[key] for values in decoders) for key in cluster.DECODE_KEYS}
+def _totals(counters: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Every counter summed over the engines (a role's counters stay zero on the other role's engines)."""
+    out: dict[str, float] = {}
+    for values in counters.values():
+        for key, value in values.items():
+            out[key] = out.get(key, 0.0) + value
+    return out
 
 
 def _per_step(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Mean decode-step time by part between two counter readings (ms per step): where TPOT goes."""
     steps = max(after["steps"] - before["steps"], 1.0)
     return {f"{part}_ms": (after[part] - before[part]) * 1e3 / steps for part in ("compute", "queue", "host")}
+
+
+def _by_batch(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per decode batch-size bucket between two readings: steps, tokens and the mean step time (ms)."""
+    out: dict[str, dict[str, float]] = {}
+    for key in after:
+        if not (key.startswith("batch:") and key.endswith(":steps")):
+            continue
+        bucket = key.split(":")[1]
+        delta = {
+            what: after[f"batch:{bucket}:{what}"] - before.get(f"batch:{bucket}:{what}", 0.0)
+            for what in ("steps", "tokens", "seconds")
+        }
+        if delta["steps"] > 0:
+            out[bucket] = {
+                "steps": delta["steps"],
+                "tokens": delta["tokens"],
+                "step_ms": delta["seconds"] * 1e3 / delta["steps"],
+            }
+    return dict(sorted(out.items(), key=lambda item: int(item[0].split("-")[0])))
+
+
+def _per_task(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Prefill tasks completed between two readings and their mean time by part (ms per task): the
+    prefill engine's share of TTFT, by cause."""
+    tasks = after["tasks"] - before["tasks"]
+    parts = {
+        f"{part}_ms": (after[f"task_{part}"] - before[f"task_{part}"]) * 1e3 / max(tasks, 1.0)
+        for part in prefill.TASK_PARTS
+    }
+    return {"tasks": tasks, **parts}
+
+
+def _decode_split(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the decode and prefill counters say between two readings (see the three helpers above)."""
+    batches = _by_batch(before, after)
+    steps = sum(row["steps"] for row in batches.values())
+    return {
+        "decode_step_ms": _per_step(before, after),
+        "decode_by_batch": batches,
+        "decode_batch_mean": sum(row["tokens"] for row in batches.values()) / steps if steps else 0.0,
+        "prefill_task_ms": _per_task(before, after),
+    }
+
+
+def equal_batch_step_ratio(
+    dual: dict[str, dict[str, float]], basic: dict[str, dict[str, float]], min_steps: int = 20
+) -> float | None:
+    """DualPath's decode-step time over Basic's at equal batch size: over the buckets where both ran at
+    least ``min_steps`` steps, weighted by the tokens DualPath decoded in each (None if none is shared).
+    TPOT compares the modes at their own batch sizes; this compares what a step costs at the same one."""
+    common = [
+        bucket
+        for bucket in dual
+        if bucket in basic and min(dual[bucket]["steps"], basic[bucket]["steps"]) >= min_steps
+    ]
+    if not common:
+        return None
+    num = sum(dual[bucket]["tokens"] * dual[bucket]["step_ms"] for bucket in common)
+    return num / sum(dual[bucket]["tokens"] * basic[bucket]["step_ms"] for bucket in common)
 
 
 def balance(nics: dict[str, dict[str, float]]) -> float:
@@ -104,10 +168,11 @@ async def offline(
             report = await workload.replay(trace_, _replay_config(run, cfg, "offline"))
             counters = await _counters(run)
             nics = _nic_bytes(counters)
-            split = _per_step(dict.fromkeys(cluster.DECODE_KEYS, 0.0), _decode_totals(run, counters))
+            zero = dict.fromkeys((*cluster.DECODE_KEYS, *cluster.PREFILL_KEYS), 0.0)
+            split = _decode_split(zero, _totals(counters))
         runs[mode] = {
             **_summary(report),
-            "decode_step_ms": split,
+            **split,
             "nic_bytes": nics,
             "storage_max_over_avg": balance(nics),
             "devices": {engine.name: engine.device for engine in run.engines},
@@ -135,6 +200,9 @@ def offline_ratios(runs: dict[str, Any]) -> dict[str, float]:
         ratios["jct_basic_over_dualpath"] = basic["makespan_s"] / dual["makespan_s"]
         if basic["tpot_s"]["mean"] > 0:
             ratios["tpot_dualpath_over_basic"] = dual["tpot_s"]["mean"] / basic["tpot_s"]["mean"]
+        equal = equal_batch_step_ratio(dual.get("decode_by_batch", {}), basic.get("decode_by_batch", {}))
+        if equal is not None:
+            ratios["decode_step_equal_batch_dualpath_over_basic"] = equal
         ratios["kv_read_rate_dualpath_over_basic"] = _read_rate(dual) / max(_read_rate(basic), 1e-9)
     if "oracle" in runs:
         ratios["jct_oracle_over_dualpath"] = runs["oracle"]["makespan_s"] / dual["makespan_s"]
@@ -240,16 +308,16 @@ async def online(
                 trace_ = trajectories(cfg, count, seed=100 + seed)
                 rc = _replay_config(run, cfg, "online", rate=rate, seed=seed)
                 rc = rc.model_copy(update={"max_duration_s": cfg.online_duration_s})
-                before = _decode_totals(run, await _counters(run))
+                before = _totals(await _counters(run))
                 replayed = await workload.replay(trace_, rc)
-                after = _decode_totals(run, await _counters(run))
+                after = _totals(await _counters(run))
                 report = _summary(replayed)
                 step: dict[str, Any] = {"rate": rate, "warmup_s": cfg.online_warmup_s}
                 if cfg.online_warmup_s:  # judge (and tabulate) the window after the warm-up
                     step["all_requests"] = {key: report[key] for key in ("requests", "ttft_s", "tpot_s")}
                     report = {**report, **after_warmup(replayed, cfg.online_warmup_s)}
                 ok = within_slo(report, ttft_slo, tpot_slo)
-                return {**step, "within_slo": ok, **report, "decode_step_ms": _per_step(before, after)}
+                return {**step, "within_slo": ok, **report, **_decode_split(before, after)}
 
             found = await search_capacity(cfg.online_rates, cfg.online_refine, measure)
         results[mode] = {"capacity_rate": found.within, "beyond_rate": found.beyond, "steps": found.steps}
@@ -262,6 +330,19 @@ async def online(
     dual = results.get("dualpath", {})
     basic_within, dual_within = basic.get("capacity_rate", 0.0), dual.get("capacity_rate", 0.0)
     out["capacity_dualpath_over_basic"] = dual_within / basic_within if basic_within else None
+    shared = {
+        step["rate"]: (step, other)
+        for step in dual.get("steps", [])
+        for other in basic.get("steps", [])
+        if other["rate"] == step["rate"]
+    }
+    equal = {
+        str(rate): equal_batch_step_ratio(step["decode_by_batch"], other["decode_by_batch"])
+        for rate, (step, other) in sorted(shared.items())
+    }
+    out["decode_step_equal_batch_by_rate"] = {
+        rate: value for rate, value in equal.items() if value is not None
+    }
     # Where each true capacity lies, [within, beyond): the ratio lies between these two bounds.
     if basic.get("beyond_rate") and dual.get("beyond_rate") and basic_within:
         out["capacity_ratio_bounds"] = [

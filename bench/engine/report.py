@@ -122,9 +122,27 @@ def offline(data: dict[str, Any]) -> list[str]:
         split = run.get("decode_step_ms")
         if split:
             parts = ", ".join(f"{key.removesuffix('_ms')} {value:.2f}" for key, value in split.items())
-            lines.append(f"- {mode}: decode step ms = {parts}")
+            lines.append(
+                f"- {mode}: decode step ms = {parts}; mean batch {run.get('decode_batch_mean', 0):.1f}"
+            )
+        batches = run.get("decode_by_batch")
+        if batches:
+            cells = ", ".join(
+                f"{bucket}: {row['step_ms']:.2f} ({row['steps']:.0f})" for bucket, row in batches.items()
+            )
+            lines.append(f"- {mode}: decode step ms by batch (steps) = {cells}")
+        if run.get("prefill_task_ms"):
+            lines.append(f"- {mode}: prefill task ms = {_task_parts(run['prefill_task_ms'], ', ')}")
     lines.extend(f"- {key} = {value:.3f}" for key, value in data["ratios"].items())
     return lines
+
+
+def _task_parts(split: dict[str, float], sep: str) -> str:
+    """A prefill task's mean time by part, e.g. ``read 12.0, queue 3.1, ...`` or ``12.0/3.1/...``."""
+    values = [(part, split.get(f"{part}_ms", 0.0)) for part in ("read", "queue", "compute", "send")]
+    if sep == "/":
+        return "/".join(f"{value:.0f}" for _, value in values)
+    return sep.join(f"{part} {value:.1f}" for part, value in values)
 
 
 def online(data: dict[str, Any]) -> list[str]:
@@ -135,8 +153,8 @@ def online(data: dict[str, Any]) -> list[str]:
         f"{slo['tpot_mean_s'] * 1e3:.0f} ms ({data['topology']}).",
         "",
         "| Mode | rate /s | within SLO | mean TTFT s | mean TPOT ms | decode step compute/queue/host ms "
-        "| requests | failed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mean batch | prefill read/queue/compute/send ms | requests | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, result in data["modes"].items():
         for step in result["steps"]:
@@ -144,13 +162,18 @@ def online(data: dict[str, Any]) -> list[str]:
             parts = "/".join(f"{split.get(f'{part}_ms', 0.0):.1f}" for part in ("compute", "queue", "host"))
             lines.append(
                 f"| {mode} | {step['rate']} | {step['within_slo']} | {step['ttft_s']['mean']:.3f} | "
-                f"{step['tpot_s']['mean'] * 1e3:.1f} | {parts} | {step['requests']} | "
+                f"{step['tpot_s']['mean'] * 1e3:.1f} | {parts} | {step.get('decode_batch_mean', 0):.1f} | "
+                f"{_task_parts(step.get('prefill_task_ms', {}), '/')} | {step['requests']} | "
                 f"{step['failed_requests']} |"
             )
     lines.append("")
     lines.append(
         f"Capacity DualPath / Basic = {_ratio(data.get('capacity_dualpath_over_basic'), 'goal >= 2.5')}."
     )
+    equal = data.get("decode_step_equal_batch_by_rate") or {}
+    if equal:
+        cells = ", ".join(f"{rate}/s {value:.3f}" for rate, value in equal.items())
+        lines.append(f"Decode step at equal batch, DualPath / Basic, at the rates both ran: {cells}.")
     bounds = data.get("capacity_ratio_bounds")
     if bounds:
         within = {mode: result["capacity_rate"] for mode, result in data["modes"].items()}

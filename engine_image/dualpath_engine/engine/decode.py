@@ -119,6 +119,13 @@ class DecodeEngine:
         """Where decode-step time went: the runner's decode (``compute``), waiting on the device thread
         behind loads and KV read-backs (``queue``), and the event loop between one step's result and
         the next step's submission (``host``). TPOT = their sum per step."""
+        self.batch_steps: dict[str, int] = {}
+        """Decode steps by batch-size bucket (:func:`batch_bucket`)."""
+        self.batch_tokens: dict[str, int] = {}
+        """Tokens decoded by batch-size bucket (a step of ``n`` sequences decodes ``n``)."""
+        self.batch_seconds: dict[str, float] = {}
+        """Decode-step time (compute + queue + host) by batch-size bucket: the step time at equal batch,
+        which TPOT alone cannot give (TPOT also follows how many requests decode at once)."""
 
     @property
     def engine_id(self) -> str:
@@ -294,13 +301,11 @@ class DecodeEngine:
                     continue
                 steps = [(t.task_id, t.generated[-1]) for t in active]
                 submitted = loop.time()
-                if last is not None:
-                    self.step_seconds["host"] += submitted - last
+                host = submitted - last if last is not None else 0.0
                 outputs, compute = await self._on_device(self._timed_decode, steps)
                 last = loop.time()
-                self.step_seconds["compute"] += compute
-                self.step_seconds["queue"] += max(0.0, last - submitted - compute)
-                self.steps_run += 1
+                queue = max(0.0, last - submitted - compute)
+                self._count_step(len(steps), compute=compute, queue=queue, host=host)
                 for task, token in zip(active, outputs, strict=True):
                     task.kv_tokens += 1
                     if task.task_id in self._tasks:
@@ -308,6 +313,17 @@ class DecodeEngine:
                 await asyncio.sleep(0)
         finally:
             self.close()
+
+    def _count_step(self, batch: int, *, compute: float, queue: float, host: float) -> None:
+        """Account one decode step's time by part and by batch-size bucket."""
+        self.steps_run += 1
+        self.step_seconds["compute"] += compute
+        self.step_seconds["queue"] += queue
+        self.step_seconds["host"] += host
+        bucket = batch_bucket(batch)
+        self.batch_steps[bucket] = self.batch_steps.get(bucket, 0) + 1
+        self.batch_tokens[bucket] = self.batch_tokens.get(bucket, 0) + batch
+        self.batch_seconds[bucket] = self.batch_seconds.get(bucket, 0.0) + compute + queue + host
 
     def _timed_decode(self, steps: list[tuple[str, int]]) -> tuple[list[int], float]:
         """(device thread) One decode step and the seconds it took."""
@@ -443,6 +459,17 @@ class DecodeEngine:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def batch_bucket(size: int) -> str:
+    """The label of a decode batch of ``size`` sequences: ``"1"``, ``"2"``, then power-of-two ranges
+    ``"3-4"``, ``"5-8"``, ... (the batch buckets the paged store's CUDA graphs are captured for)."""
+    if size < 1:
+        raise ValueError(f"a decode batch has at least one sequence, got {size}")
+    if size <= 2:
+        return str(size)
+    upper = 1 << (size - 1).bit_length()
+    return f"{upper // 2 + 1}-{upper}"
 
 
 def _copy_rows(buffer: layout.ByteArray, layer: int, start: int, end: int, data: layout.ByteArray) -> None:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -37,6 +38,12 @@ from dualpath_engine.scheduler import batching, protocol
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[protocol.TaskEvent], None]
+
+TASK_PARTS = ("read", "queue", "compute", "send")
+"""Where a prefill task's time goes, assignment to ``PrefillDone`` delivered: ``read`` (until both read
+paths have reported its hit blocks), ``queue`` (until its first forward batch starts), ``compute`` (until
+its last batch ends: its chunks, other tasks' chunks batched between them, waits for DE-read layers),
+``send`` (flushing its KV and ``PrefillDone`` to the decode engine)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -57,6 +64,9 @@ class _Task:
     hits_sent: bool = False
     read_bytes_pe: int = 0
     failed: str | None = None
+    assigned_at: float = dataclasses.field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    started_at: float | None = None
 
     @property
     def task_id(self) -> str:
@@ -108,6 +118,11 @@ class PrefillEngine:
         """KV bytes this engine read from storage for the PE read path."""
         self.layer_wait_seconds = 0.0
         """Time the forward pass stalled waiting for DE-read layers (I/O, not compute, bound prefill)."""
+        self.tasks_done = 0
+        """Tasks whose prefill completed and whose KV reached the decode engine."""
+        self.task_seconds = dict.fromkeys(TASK_PARTS, 0.0)
+        """Summed over completed tasks, where the time from assignment to ``PrefillDone`` delivered went
+        (:data:`TASK_PARTS`): this engine's share of TTFT, by cause."""
 
     @property
     def engine_id(self) -> str:
@@ -217,6 +232,7 @@ class PrefillEngine:
             task.sides, valid, self._geometry.block_tokens, len(task.prompt)
         )
         task.progress = task.cached
+        task.ready_at = time.monotonic()
         return True
 
     def _next_batch(self) -> list[batching.BatchEntry]:
@@ -238,6 +254,10 @@ class PrefillEngine:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            started = time.monotonic()
+            for entry in batch:
+                task = self._tasks[entry.request_id]
+                task.started_at = started if task.started_at is None else task.started_at
             await self._run_batch(batch)
 
     def _hit_rows(self, task: _Task, layer: int) -> layout.ByteArray:
@@ -357,18 +377,34 @@ class PrefillEngine:
                 self._spawn(self._complete(task, first))
 
     async def _complete(self, task: _Task, first_token: int) -> None:
+        computed = time.monotonic()
         task.outbox.put(messages.PrefillDone(task.task_id, task.hit_tokens, first_token))
         await task.outbox.close()
         self._tasks.pop(task.task_id, None)
         self._finished.add(task.task_id)
         if task.outbox.failed or task.failed is not None:
             return
+        self._count_task(task, computed)
         self._report(
             task.task_id,
             prefill_done=True,
             cached_tokens=task.hit_tokens,
             kv_read_bytes_pe=task.read_bytes_pe,
         )
+
+    def _count_task(self, task: _Task, computed: float) -> None:
+        """Add a completed task's time to :attr:`task_seconds`, by part."""
+        if task.ready_at is None or task.started_at is None:
+            raise RuntimeError(f"{task.task_id}: completed without being ready and run")
+        parts = {
+            "read": task.ready_at - task.assigned_at,
+            "queue": task.started_at - task.ready_at,
+            "compute": computed - task.started_at,
+            "send": time.monotonic() - computed,
+        }
+        for part, seconds in parts.items():
+            self.task_seconds[part] += seconds
+        self.tasks_done += 1
 
     async def _fail(self, task_id: str, reason: str, *, notify_peer: bool) -> None:
         task = self._tasks.pop(task_id, None)

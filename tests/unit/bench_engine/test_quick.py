@@ -155,3 +155,47 @@ def test_online_summary_states_the_capacity_bracket() -> None:
     }
     text = "\n".join(report.online(data))
     assert "basic [0.375, 0.4), dualpath [0.9, 0.95): the ratio lies in [2.25, 2.53)" in text
+
+
+def _counters(**buckets: tuple[float, float, float]) -> dict[str, float]:
+    """Summed engine counters with the given decode buckets (steps, tokens, seconds) and no prefill."""
+    out = dict.fromkeys((*cluster.DECODE_KEYS, *cluster.PREFILL_KEYS), 0.0)
+    for bucket, (steps, tokens, seconds) in buckets.items():
+        name = bucket.removeprefix("b").replace("_", "-")
+        out |= {
+            f"batch:{name}:steps": steps,
+            f"batch:{name}:tokens": tokens,
+            f"batch:{name}:seconds": seconds,
+        }
+    return out
+
+
+def test_decode_by_batch_is_the_difference_of_two_readings_in_bucket_order() -> None:
+    before = _counters(b1=(10, 10, 0.02))
+    after = _counters(b1=(30, 30, 0.06), b5_8=(5, 30, 0.025), b3_4=(4, 14, 0.012))
+    split = replay._decode_split(before, after)
+    assert list(split["decode_by_batch"]) == ["1", "3-4", "5-8"]  # numeric order, not text order
+    assert split["decode_by_batch"]["1"] == {"steps": 20, "tokens": 20, "step_ms": pytest.approx(2.0)}
+    assert split["decode_by_batch"]["5-8"]["step_ms"] == pytest.approx(5.0)
+    assert split["decode_batch_mean"] == pytest.approx((20 + 30 + 14) / (20 + 5 + 4))
+
+
+def test_equal_batch_ratio_compares_step_times_at_the_same_batch_not_the_batch_mix() -> None:
+    # DualPath decodes bigger batches (higher TPOT) but each step costs what Basic's step costs at that
+    # batch size: the equal-batch ratio is 1.0 although the mean step time differs by a factor of 2.
+    basic = {
+        "1": {"steps": 100, "tokens": 100, "step_ms": 2.0},
+        "5-8": {"steps": 40, "tokens": 240, "step_ms": 4.0},
+    }
+    dual = {
+        "1": {"steps": 20, "tokens": 20, "step_ms": 2.0},
+        "5-8": {"steps": 100, "tokens": 600, "step_ms": 4.0},
+    }
+    assert replay.equal_batch_step_ratio(dual, basic) == pytest.approx(1.0)
+    slower = {**dual, "5-8": {**dual["5-8"], "step_ms": 4.4}}
+    assert replay.equal_batch_step_ratio(slower, basic) == pytest.approx(
+        (20 * 2.0 + 600 * 4.4) / (20 * 2 + 600 * 4)
+    )
+    # Buckets with fewer than min_steps steps in either mode are left out; none shared -> None.
+    assert replay.equal_batch_step_ratio(slower, basic, min_steps=21) == pytest.approx(1.1)
+    assert replay.equal_batch_step_ratio({"9-16": dual["5-8"]}, basic) is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import time
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -143,9 +144,19 @@ async def test_long_prompt_is_chunked_under_the_quota_and_output_is_unchanged(pa
     assert callable(pair_factory)
     pair: Pair = pair_factory(per_token_seconds=0.3 / 40)  # at most 40 tokens per 300 ms batch
     prompt = tok.encode("a prompt long enough to need several prefill chunks " * 3, bos=True)
+    started = time.monotonic()
     generated = await pair.generate("t0", prompt, 8, "pe")
+    elapsed = time.monotonic() - started
     assert generated == llama.greedy_reference(pair.model, prompt, 8)
     assert pair.pe.batches_run >= len(prompt) // 40
+    # The task's time is accounted once, by part, and within what the request took.
+    assert pair.pe.tasks_done == 1
+    parts = pair.pe.task_seconds
+    assert set(parts) == set(prefill.TASK_PARTS) and min(parts.values()) >= 0
+    assert parts["compute"] > 0 and sum(parts.values()) <= elapsed
+    # Every decode step is counted in exactly one batch bucket (one sequence: bucket "1").
+    assert pair.de.batch_steps == {"1": pair.de.steps_run} == pair.de.batch_tokens
+    assert pair.de.batch_seconds["1"] == pytest.approx(sum(pair.de.step_seconds.values()))
     done = [e for e in pair.events if e.prefill_done]
     assert len(done) == 1 and done[0].cached_tokens == 0
     assert pair.store.path_of(hashing.chain_hashes(prompt, BLOCK, pair.root)[0]).exists()
@@ -253,9 +264,37 @@ async def test_fresh_prompt_blocks_persist_with_one_device_read_back(pair_factor
     assert len(prompt) == 5 * BLOCK
     await pair.generate("p1", prompt, 3, "pe")
     chain = hashing.chain_hashes(prompt, BLOCK, pair.root)
+    # Persistence runs beside decoding and may finish after the last token: wait for its report.
+    async with asyncio.timeout(10):
+        while len([h for e in pair.events if e.task_id == "p1" for h in e.persisted_block_hashes]) < 5:
+            pair.changed.clear()
+            await pair.changed.wait()
     assert all(pair.store.path_of(block).exists() for block in chain)
     assert calls == [(0, 5 * BLOCK)]
     persisted = [h for e in pair.events if e.task_id == "p1" for h in e.persisted_block_hashes]
     assert sorted(persisted) == sorted(block.hex() for block in chain)
     assert pair.de.steps_run >= 2
     assert pair.de.step_seconds["compute"] > 0
+
+
+@pytest.mark.parametrize(
+    ("size", "bucket"),
+    [
+        (1, "1"),
+        (2, "2"),
+        (3, "3-4"),
+        (4, "3-4"),
+        (5, "5-8"),
+        (8, "5-8"),
+        (9, "9-16"),
+        (64, "33-64"),
+        (65, "65-128"),
+    ],
+)
+def test_decode_batch_buckets_are_the_graph_buckets(size: int, bucket: str) -> None:
+    assert decode.batch_bucket(size) == bucket
+
+
+def test_decode_batch_bucket_rejects_an_empty_batch() -> None:
+    with pytest.raises(ValueError, match="at least one sequence, got 0"):
+        decode.batch_bucket(0)

@@ -130,12 +130,17 @@ def engine_names() -> set[str]:
     pe.batches_run = 0
     pe.read_bytes_total = 0
     pe.layer_wait_seconds = 0.0
+    pe.tasks_done = 0
+    pe.task_seconds = dict.fromkeys(prefill.TASK_PARTS, 0.0)
     de = mock.create_autospec(decode.DecodeEngine, instance=True)
     de.load.return_value = (0, 0)
     de.steps_run = 0
     de.read_bytes_total = 0
     de.persisted_blocks = 0
     de.step_seconds = {"compute": 0.0, "queue": 0.0, "host": 0.0}
+    de.batch_steps = {"1": 1}
+    de.batch_tokens = {"1": 1}
+    de.batch_seconds = {"1": 0.001}
     registry.register(service._Roles(pe, de, "prefill"))
     return sample_names(registry.collect())
 
