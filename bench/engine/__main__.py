@@ -87,7 +87,9 @@ def run(
             cfg.overlap, cfg.device, calibration.h2d_ceiling(results["sections"].get("calibration", {}))
         ),
         "offline": lambda: _topologies(workdir, cfg.replay, cfg.replay.topologies[:1]),
-        "online": lambda: asyncio.run(replay.online(workdir, cfg.replay, cfg.replay.topologies[0])),
+        "online": lambda: asyncio.run(
+            replay.online(workdir, cfg.replay, cfg.replay.topologies[0], cfg.replay.online_modes)
+        ),
         "topologies": lambda: _topologies(workdir, cfg.replay, cfg.replay.topologies[1:]),
     }
     for section in SECTIONS:
@@ -122,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--trajectories", type=int, help="offline replays: trajectories started at once")
     parser.add_argument("--modes", help="offline replays: comma-separated modes (basic,dualpath,...)")
+    parser.add_argument("--online-modes", help="online: comma-separated modes (default basic,dualpath)")
     parser.add_argument("--online-rates", help="online: comma-separated trajectory arrival rates per second")
     parser.add_argument("--online-duration", type=float, metavar="S", help="online: seconds per arrival rate")
     parser.add_argument(
@@ -150,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["trajectories"] = args.trajectories
     if args.modes:
         overrides["modes"] = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
+    if args.online_modes:
+        overrides["online_modes"] = tuple(
+            mode.strip() for mode in args.online_modes.split(",") if mode.strip()
+        )
     if args.online_rates:
         overrides["online_rates"] = tuple(float(rate) for rate in args.online_rates.split(","))
     if args.online_duration is not None:

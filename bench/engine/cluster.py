@@ -31,13 +31,28 @@ from tests.cluster import processes as procs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL_NAME = "bench"
-POLICY = {"basic": "pe-only", "dualpath": "dualpath", "dualpath-paper": "dualpath", "oracle": "dualpath"}
+POLICY = {
+    "basic": "pe-only",
+    "dualpath": "dualpath",
+    "dualpath-paper": "dualpath",
+    "dualpath-split": "dualpath",
+    "oracle": "dualpath",
+}
 """Scheduler read-side policy of each benchmark mode."""
-ENGINE_MODE = {"basic": "basic", "dualpath": "dualpath", "dualpath-paper": "dualpath", "oracle": "oracle"}
+ENGINE_MODE = {
+    "basic": "basic",
+    "dualpath": "dualpath",
+    "dualpath-paper": "dualpath",
+    "dualpath-split": "dualpath",
+    "oracle": "oracle",
+}
 """The engines' ``mode`` of each benchmark mode."""
-TIE_BREAK = {"dualpath": "least_read", "dualpath-paper": "prefill"}
+TIE_BREAK = {"dualpath": "least_read", "dualpath-paper": "prefill", "dualpath-split": "least_read"}
 """Read-side tie-break of the DualPath modes: ``dualpath`` is the product's setting (ties go to the
 node that has read less), ``dualpath-paper`` the paper's rule as written (ties go to the prefill side)."""
+SPLIT_READS = frozenset({"dualpath-split"})
+"""Modes with the scheduler's ``split_reads`` extension: a request's hit blocks are divided between the
+PE side and the DE side so both reads finish together (beyond the paper, which picks one side)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +172,8 @@ def cluster(
         }
         if mode in TIE_BREAK:
             sched["read_side_tie_break"] = TIE_BREAK[mode]
+        if mode in SPLIT_READS:
+            sched["split_reads"] = True
         command = [sys.executable, "-m", "dualpath_engine"]
         scheduler = procs.ReadyProcess(
             "scheduler",

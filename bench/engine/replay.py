@@ -190,13 +190,16 @@ async def offline(
 
 
 def offline_ratios(runs: dict[str, Any]) -> dict[str, float]:
-    """JCT Basic/DualPath and Oracle/DualPath, TPOT DualPath/Basic, KV-read throughput ratios."""
+    """JCT Basic/DualPath and Oracle/DualPath, TPOT DualPath/Basic, KV-read throughput ratios, the same
+    against Basic for the DualPath variants, and the spread of the hit ratios of the modes with KV I/O."""
     ratios: dict[str, float] = {}
-    dual = runs.get("dualpath")
-    if dual is None:
-        return ratios
-    if "basic" in runs:
-        basic = runs["basic"]
+    hits = [run["hit_ratio"] for mode, run in runs.items() if mode != "oracle"]
+    if len(hits) > 1:
+        # A JCT ratio compares read schemes only if the modes reused the same share of the context: a mode
+        # whose next turns arrive before the previous turn's KV is persisted recomputes instead of reading.
+        ratios["hit_ratio_spread"] = max(hits) - min(hits)
+    basic, dual = runs.get("basic"), runs.get("dualpath")
+    if dual is not None and basic is not None:
         ratios["jct_basic_over_dualpath"] = basic["makespan_s"] / dual["makespan_s"]
         if basic["tpot_s"]["mean"] > 0:
             ratios["tpot_dualpath_over_basic"] = dual["tpot_s"]["mean"] / basic["tpot_s"]["mean"]
@@ -204,16 +207,17 @@ def offline_ratios(runs: dict[str, Any]) -> dict[str, float]:
         if equal is not None:
             ratios["decode_step_equal_batch_dualpath_over_basic"] = equal
         ratios["kv_read_rate_dualpath_over_basic"] = _read_rate(dual) / max(_read_rate(basic), 1e-9)
-    if "oracle" in runs:
+    if dual is not None and "oracle" in runs:
         ratios["jct_oracle_over_dualpath"] = runs["oracle"]["makespan_s"] / dual["makespan_s"]
-        if "basic" in runs:
-            ratios["jct_basic_over_oracle"] = runs["basic"]["makespan_s"] / runs["oracle"]["makespan_s"]
-    ratios["storage_max_over_avg_dualpath"] = dual["storage_max_over_avg"]
-    paper = runs.get("dualpath-paper")
-    if paper is not None:
-        if "basic" in runs:
-            ratios["jct_basic_over_dualpath_paper"] = runs["basic"]["makespan_s"] / paper["makespan_s"]
-        ratios["storage_max_over_avg_dualpath_paper"] = paper["storage_max_over_avg"]
+    if basic is not None and "oracle" in runs:
+        ratios["jct_basic_over_oracle"] = basic["makespan_s"] / runs["oracle"]["makespan_s"]
+    for mode in ("dualpath", "dualpath-paper", "dualpath-split"):
+        variant, suffix = runs.get(mode), mode.replace("-", "_")
+        if variant is None:
+            continue
+        if basic is not None and mode != "dualpath":
+            ratios[f"jct_basic_over_{suffix}"] = basic["makespan_s"] / variant["makespan_s"]
+        ratios[f"storage_max_over_avg_{suffix}"] = variant["storage_max_over_avg"]
     return ratios
 
 
@@ -330,6 +334,9 @@ async def online(
     dual = results.get("dualpath", {})
     basic_within, dual_within = basic.get("capacity_rate", 0.0), dual.get("capacity_rate", 0.0)
     out["capacity_dualpath_over_basic"] = dual_within / basic_within if basic_within else None
+    split_within = results.get("dualpath-split", {}).get("capacity_rate")
+    if split_within is not None and basic_within:
+        out["capacity_dualpath_split_over_basic"] = split_within / basic_within
     shared = {
         step["rate"]: (step, other)
         for step in dual.get("steps", [])

@@ -134,6 +134,12 @@ def offline(data: dict[str, Any]) -> list[str]:
         if run.get("prefill_task_ms"):
             lines.append(f"- {mode}: prefill task ms = {_task_parts(run['prefill_task_ms'], ', ')}")
     lines.extend(f"- {key} = {value:.3f}" for key, value in data["ratios"].items())
+    spread = data["ratios"].get("hit_ratio_spread", 0.0)
+    if spread > 0.05:
+        lines.append(
+            f"- **not comparable**: the modes' hit ratios differ by {spread:.2f}, so the JCT ratio mixes "
+            "read speed with recomputation (next turns arrived before the previous KV was persisted)"
+        )
     return lines
 
 
@@ -170,6 +176,10 @@ def online(data: dict[str, Any]) -> list[str]:
     lines.append(
         f"Capacity DualPath / Basic = {_ratio(data.get('capacity_dualpath_over_basic'), 'goal >= 2.5')}."
     )
+    if data.get("capacity_dualpath_split_over_basic") is not None:
+        lines.append(
+            f"Capacity DualPath with split reads / Basic = {data['capacity_dualpath_split_over_basic']:.3f}."
+        )
     equal = data.get("decode_step_equal_batch_by_rate") or {}
     if equal:
         cells = ", ".join(f"{rate}/s {value:.3f}" for rate, value in equal.items())

@@ -102,6 +102,10 @@ class Topology(_Frozen):
         return f"{self.prefill}P{self.decode}D"
 
 
+Mode = Literal["basic", "dualpath", "dualpath-paper", "dualpath-split", "oracle"]
+"""A replay mode (``bench.engine.cluster``: the scheduler policy and engine mode each one runs)."""
+
+
 class ReplaySettings(_Frozen):
     """End-to-end agentic replay against engine processes."""
 
@@ -126,10 +130,14 @@ class ReplaySettings(_Frozen):
     topologies: tuple[Topology, ...] = pydantic.Field(
         default=(Topology(),), description="Clusters to run the offline replay on."
     )
-    modes: tuple[Literal["basic", "dualpath", "dualpath-paper", "oracle"], ...] = pydantic.Field(
+    modes: tuple[Mode, ...] = pydantic.Field(
         default=("basic", "dualpath", "oracle"),
         description="Offline modes, side by side (``dualpath-paper``: DualPath with the paper's read-side "
-        "tie rule instead of the least-read tie-break).",
+        "tie rule instead of the least-read tie-break; ``dualpath-split``: DualPath with split reads).",
+    )
+    online_modes: tuple[Mode, ...] = pydantic.Field(
+        default=("basic", "dualpath"),
+        description="Online: modes whose capacity is searched, one after another.",
     )
     online_rates: tuple[float, ...] = pydantic.Field(
         default=(), description="Online: trajectory arrival rates (per second) to try, ascending."

@@ -199,3 +199,26 @@ def test_equal_batch_ratio_compares_step_times_at_the_same_batch_not_the_batch_m
     # Buckets with fewer than min_steps steps in either mode are left out; none shared -> None.
     assert replay.equal_batch_step_ratio(slower, basic, min_steps=21) == pytest.approx(1.1)
     assert replay.equal_batch_step_ratio({"9-16": dual["5-8"]}, basic) is None
+
+
+def test_offline_ratios_flag_modes_that_reused_different_shares_of_the_context() -> None:
+    def run(makespan: float, hit: float, balance: float = 1.0) -> dict[str, Any]:
+        return {"makespan_s": makespan, "hit_ratio": hit, "storage_max_over_avg": balance,
+                "tpot_s": {"mean": 0.002}, "nic_bytes": {"n": {"storage_rx": 100.0}}}  # fmt: skip
+
+    runs = {"basic": run(100, 0.82, 3.0), "dualpath": run(40, 0.81, 1.02), "oracle": run(20, 0.88)}
+    ratios = replay.offline_ratios(runs)
+    assert ratios["jct_basic_over_dualpath"] == pytest.approx(2.5)
+    assert ratios["hit_ratio_spread"] == pytest.approx(0.01)  # Oracle (no I/O) is not part of the spread
+    assert "not comparable" not in "\n".join(report.offline({**_offline(runs), "ratios": ratios}))
+    runs["dualpath-split"] = run(25, 0.35, 1.1)
+    ratios = replay.offline_ratios(runs)
+    assert ratios["jct_basic_over_dualpath_split"] == pytest.approx(4.0)
+    assert ratios["storage_max_over_avg_dualpath_split"] == pytest.approx(1.1)
+    assert ratios["hit_ratio_spread"] == pytest.approx(0.47)
+    assert "**not comparable**" in "\n".join(report.offline({**_offline(runs), "ratios": ratios}))
+
+
+def _offline(runs: dict[str, Any]) -> dict[str, Any]:
+    modes = {mode: {**r, "ttft_s": {"mean": 0.1}, "failed_requests": 0} for mode, r in runs.items()}
+    return {"name": "1P2D", "ideal_ratio": 3.0, "requests": 10, "modes": modes}
