@@ -432,14 +432,23 @@ class DecodeEngine:
                     return  # released meanwhile (cancelled or failed)
                 for index in missing:
                     offset = (index - first) * block_tokens
-                    if self._storage_nic is not None and self._config.mode != "oracle":
-                        await self._storage_nic.transmit(self._geometry.full_block_bytes)
-                    if await self._reads.store.write(
-                        task.hashes[index], data[:, offset : offset + block_tokens]
-                    ):
-                        task.new_hashes.append(task.hashes[index].hex())
-                        self.persisted_blocks += 1
+                    await self._write_block(task, task.hashes[index], data[:, offset : offset + block_tokens])
             task.persisted = len(task.hashes)
+
+    async def _write_block(self, task: _Task, block: hashing.BlockHash, data: layout.ByteArray) -> None:
+        """Write one Full Block unless it is stored or another engine is writing it (its claim): a turn
+        that recomputed KV whose write was still queued must not spend the storage NIC on it again."""
+        store = self._reads.store
+        if not await store.claim(block):
+            return
+        try:
+            if self._storage_nic is not None and self._config.mode != "oracle":
+                await self._storage_nic.transmit(self._geometry.full_block_bytes)
+            if await store.write(block, data):
+                task.new_hashes.append(block.hex())
+                self.persisted_blocks += 1
+        finally:
+            await store.release_claim(block)
 
     async def _fail(self, task_id: str, reason: str, *, notify_peer: bool) -> None:
         task = self._tasks.pop(task_id, None)

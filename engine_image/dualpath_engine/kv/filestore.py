@@ -20,6 +20,8 @@ the final name (and the directory fsynced), so a reader sees a whole object or n
 of one block each replace it with identical bytes. Every read re-verifies size, header, name, geometry
 and checksum; a failure is a miss, and the bad object is removed so a later write can replace it.
 Leftover temp files of crashed writers are never read and are removed by :meth:`sweep_temp_files`.
+A write claim is a file ``.<hash>.kvb.claim`` beside the object, created with ``O_EXCL`` (one creator
+wins on a shared filesystem) and holding its owner's token; one older than ``CLAIM_TTL_S`` is taken over.
 All file I/O runs on the store's own bounded thread pool.
 """
 
@@ -49,6 +51,7 @@ SUFFIX = ".kvb"
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 TEMP_SUFFIX = ".tmp"
+CLAIM_SUFFIX = ".claim"
 
 
 class FilesystemStore(storage.BlockStore):
@@ -71,6 +74,8 @@ class FilesystemStore(storage.BlockStore):
         self._fsync = fsync
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kv-store")
         self._closed = False
+        self._token = f"{os.getpid()}.{uuid.uuid4().hex}".encode()
+        """What this store writes into its claim files (a claim is released only by its owner)."""
 
     def path_of(self, block: hashing.BlockHash) -> Path:
         """Where a block's object lives."""
@@ -89,15 +94,56 @@ class FilesystemStore(storage.BlockStore):
             self._pool.shutdown(wait=True)
 
     def sweep_temp_files(self, older_than_s: float = 600.0) -> int:
-        """Remove temp files older than ``older_than_s`` (left by crashed writers); returns how many."""
+        """Remove temp and claim files older than ``older_than_s`` (left by crashed writers); returns how
+        many."""
         cutoff = time.time() - older_than_s
         removed = 0
-        for temp in self.root.glob(f"*/.*{TEMP_SUFFIX}"):
-            with contextlib.suppress(FileNotFoundError):
-                if temp.stat().st_mtime < cutoff:
-                    temp.unlink()
-                    removed += 1
+        for suffix in (TEMP_SUFFIX, CLAIM_SUFFIX):
+            for temp in self.root.glob(f"*/.*{suffix}"):
+                with contextlib.suppress(FileNotFoundError):
+                    if temp.stat().st_mtime < cutoff:
+                        temp.unlink()
+                        removed += 1
         return removed
+
+    def claim_path(self, block: hashing.BlockHash) -> Path:
+        """Where a block's write claim lives."""
+        final = self.path_of(block)
+        return final.parent / f".{final.name}{CLAIM_SUFFIX}"
+
+    async def _claim(self, block: hashing.BlockHash, now: float) -> bool:
+        return await self._run(self._claim_sync, block, now)
+
+    async def _release_claim(self, block: hashing.BlockHash) -> None:
+        await self._run(self._release_claim_sync, block)
+
+    def _claim_sync(self, block: hashing.BlockHash, now: float) -> bool:
+        path = self.claim_path(block)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _attempt in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    age = now - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # released meanwhile: try again
+                if age < storage.CLAIM_TTL_S:
+                    return False
+                self._unlink(path)  # its writer died: take it over
+                continue
+            try:
+                _write_all(fd, memoryview(self._token))
+            finally:
+                os.close(fd)
+            return True
+        return False
+
+    def _release_claim_sync(self, block: hashing.BlockHash) -> None:
+        path = self.claim_path(block)
+        with contextlib.suppress(FileNotFoundError):
+            if path.read_bytes() == self._token:
+                path.unlink()
 
     async def _read_into(
         self, block: hashing.BlockHash, out: layout.ByteArray

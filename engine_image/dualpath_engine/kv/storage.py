@@ -2,7 +2,11 @@
 
 :class:`BlockStore` is what the read queue and the traffic manager call: ``read_into`` fills a caller's
 buffer (an arena slot) and returns whether the block was a valid hit; ``write`` persists a Full Block
-(idempotent: a block that exists is not rewritten). Every outcome is counted in :class:`StoreMetrics`.
+(idempotent: a block that exists is not rewritten). ``claim`` / ``release_claim`` let the engines that
+share a store agree on one writer per block before spending storage-NIC budget on it: a second engine
+that would write the same block meanwhile (its request recomputed KV whose write was still queued)
+skips it. A claim expires after ``CLAIM_TTL_S``, so a writer that died holds nothing for long. Every
+outcome is counted in :class:`StoreMetrics`.
 A block that fails validation is a miss: never returned, counted by reason, and removed so that a later
 write can replace it. The filesystem backend lives in :mod:`dualpath_engine.kv.filestore`;
 :func:`open_store` picks the backend from configuration.
@@ -12,12 +16,16 @@ from __future__ import annotations
 
 import abc
 import enum
+import time
 
 import numpy as np
 import prometheus_client
 
 from dualpath_engine import config
 from dualpath_engine.kv import hashing, layout
+
+CLAIM_TTL_S = 60.0
+"""How long a write claim holds if its writer never releases it (the writer died)."""
 
 
 class ReadResult(enum.Enum):
@@ -63,7 +71,7 @@ class StoreMetrics:
         )
         self.writes = prometheus_client.Counter(
             "dualpath_engine_kv_block_writes",
-            "Full Block writes by result (written, exists).",
+            "Full Block writes by result (written, exists, claimed: another writer holds its claim).",
             ["result"],
             registry=self.registry,
         )
@@ -81,7 +89,7 @@ class StoreMetrics:
             self.reads.labels(result.value)
         for reason in InvalidReason:
             self.invalid.labels(reason.value)
-        for written in ("written", "exists"):
+        for written in ("written", "exists", "claimed"):
             self.writes.labels(written)
 
     def value(self, name: str, **labels: str) -> float:
@@ -131,6 +139,21 @@ class BlockStore(abc.ABC):
             self.metrics.write_bytes.inc(flat.size)
         return written
 
+    async def claim(self, block: hashing.BlockHash) -> bool:
+        """Reserve the write of ``block``: True if the caller should write it (not stored, no live claim
+        of another writer), then the caller writes and calls :meth:`release_claim`; False otherwise
+        (counted as ``claimed`` when another writer holds it)."""
+        if await self.contains(block):
+            return False
+        if await self._claim(block, time.time()):
+            return True
+        self.metrics.writes.labels("claimed").inc()
+        return False
+
+    async def release_claim(self, block: hashing.BlockHash) -> None:
+        """End this store's claim of ``block`` (after writing it, or giving up)."""
+        await self._release_claim(block)
+
     async def longest_stored_prefix(self, chain: list[hashing.BlockHash]) -> int:
         """How many leading blocks of ``chain`` exist (not validated: a later read may still miss)."""
         for count, block in enumerate(chain):
@@ -158,6 +181,13 @@ class BlockStore(abc.ABC):
     @abc.abstractmethod
     async def _write(self, block: hashing.BlockHash, flat: layout.ByteArray) -> bool: ...
 
+    @abc.abstractmethod
+    async def _claim(self, block: hashing.BlockHash, now: float) -> bool:
+        """Take the claim of ``block`` unless another holder's claim is younger than ``CLAIM_TTL_S``."""
+
+    @abc.abstractmethod
+    async def _release_claim(self, block: hashing.BlockHash) -> None: ...
+
 
 class MemoryStore(BlockStore):
     """Blocks in process memory (tests, single-process runs, the simulator)."""
@@ -165,6 +195,7 @@ class MemoryStore(BlockStore):
     def __init__(self, geometry: layout.BlockGeometry, metrics: StoreMetrics | None = None) -> None:
         super().__init__(geometry, metrics)
         self._blocks: dict[hashing.BlockHash, bytes] = {}
+        self._claims: dict[hashing.BlockHash, float] = {}
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -189,6 +220,15 @@ class MemoryStore(BlockStore):
             return False
         self._blocks[block] = flat.tobytes()
         return True
+
+    async def _claim(self, block: hashing.BlockHash, now: float) -> bool:
+        if now - self._claims.get(block, -CLAIM_TTL_S) < CLAIM_TTL_S:
+            return False
+        self._claims[block] = now
+        return True
+
+    async def _release_claim(self, block: hashing.BlockHash) -> None:
+        self._claims.pop(block, None)
 
 
 def open_store(

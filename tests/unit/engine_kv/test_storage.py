@@ -197,3 +197,45 @@ async def test_read_into_rejects_unusable_buffers(fs_store: filestore.Filesystem
     strided = np.zeros((GEO.full_block_bytes * 2,), np.uint8)[::2]
     with pytest.raises(ValueError, match="contiguous"):
         await fs_store.read_into(name(1), strided)
+
+
+async def test_one_writer_per_block_between_engines_sharing_the_filesystem(tmp_path: Path) -> None:
+    # Two engines' stores on one directory (like two decode engines on shared storage).
+    first = filestore.FilesystemStore(tmp_path, GEO, fsync=False)
+    second = filestore.FilesystemStore(tmp_path, GEO, fsync=False)
+    try:
+        assert await first.claim(name(6))
+        assert not await second.claim(name(6))  # the first is writing it: skip, do not spend the NIC
+        assert second.metrics.value("dualpath_engine_kv_block_writes", result="claimed") == 1
+        await second.release_claim(name(6))  # not its claim: no effect
+        assert not await second.claim(name(6))
+        assert await first.write(name(6), block_data(6))
+        await first.release_claim(name(6))
+        assert not first.claim_path(name(6)).exists()
+        assert not await second.claim(name(6))  # stored now: nothing to write, not a claim conflict
+        assert second.metrics.value("dualpath_engine_kv_block_writes", result="claimed") == 2
+        # A claim whose writer died is taken over once it is older than the TTL, and swept.
+        assert await first.claim(name(7))
+        path = first.claim_path(name(7))
+        stale = path.stat().st_mtime - storage.CLAIM_TTL_S - 1
+        os.utime(path, (stale, stale))
+        assert await second.claim(name(7))
+        await first.release_claim(name(7))  # the dead owner's late release leaves the new claim alone
+        assert path.read_bytes() == second._token and not await first.claim(name(7))
+        os.utime(path, (stale - 600, stale - 600))
+        assert second.sweep_temp_files(older_than_s=600) == 1 and not path.exists()
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_memory_store_claims_expire_and_release() -> None:
+    store = storage.MemoryStore(GEO)
+    assert await store.claim(name(8)) and not await store.claim(name(8))
+    await store.release_claim(name(8))
+    assert await store.claim(name(8))
+    store._claims[name(8)] -= storage.CLAIM_TTL_S + 1  # its writer died long ago
+    assert await store.claim(name(8))
+    await store.write(name(8), block_data(8))
+    await store.release_claim(name(8))
+    assert not await store.claim(name(8))  # stored

@@ -277,6 +277,30 @@ async def test_fresh_prompt_blocks_persist_with_one_device_read_back(pair_factor
     assert pair.de.step_seconds["compute"] > 0
 
 
+async def test_a_block_another_engine_is_writing_is_neither_written_again_nor_reported(
+    pair_factory: object, tmp_path: pathlib.Path
+) -> None:
+    assert callable(pair_factory)
+    pair: Pair = pair_factory()
+    prompt = tok.encode("five full blocks of prompt, every one of them new to the store. " * 2, bos=True)
+    prompt = prompt[: 5 * BLOCK]
+    chain = hashing.chain_hashes(prompt, BLOCK, pair.root)
+    other = filestore.FilesystemStore(tmp_path, pair.store.geometry, fsync=False)  # another DE's view
+    try:
+        assert await other.claim(chain[2])  # e.g. the previous turn's DE, its write still queued
+        await pair.generate("p2", prompt, 3, "pe")
+        async with asyncio.timeout(10):
+            while len([h for e in pair.events if e.task_id == "p2" for h in e.persisted_block_hashes]) < 4:
+                pair.changed.clear()
+                await pair.changed.wait()
+        assert [pair.store.path_of(block).exists() for block in chain] == [True, True, False, True, True]
+        persisted = {h for e in pair.events if e.task_id == "p2" for h in e.persisted_block_hashes}
+        assert persisted == {block.hex() for i, block in enumerate(chain) if i != 2}  # its writer reports it
+        assert pair.store.metrics.value("dualpath_engine_kv_block_writes", result="claimed") == 1
+    finally:
+        await other.close()
+
+
 @pytest.mark.parametrize(
     ("size", "bucket"),
     [
