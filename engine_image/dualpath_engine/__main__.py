@@ -48,7 +48,6 @@ def _engine(argv: Sequence[str]) -> int:
         print("error: device 'cuda' configured but torch sees no GPU; set device: cpu", file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    sys.setswitchinterval(engine_config.runner.switch_interval_ms / 1000.0)
     device = (
         torch.device("cuda", engine_config.local_rank)
         if engine_config.device == "cuda"

@@ -280,14 +280,6 @@ class RunnerConfig(_Frozen):
         "of up to this many sequences of up to model.max_context_tokens at start, so serving never pauses "
         "for a capture; 0 = capture each when first needed.",
     )
-    switch_interval_ms: float = pydantic.Field(
-        default=0.5,
-        gt=0,
-        le=100,
-        description="Python's thread switch interval in the engine process (sys.setswitchinterval): how long "
-        "the device thread may wait for the GIL while the KV read path's threads (storage reads, sends, "
-        "checksums) hold it. The interpreter's default, 5 ms, is longer than a decode step.",
-    )
 
 
 class EngineConfig(_Frozen):
