@@ -342,6 +342,9 @@ class DecodeEngine:
                 self._release(task.task_id)
                 continue
             task.kv_tokens = buffer.shape[1]
+            # The usable hit prefix was just read from storage: only the blocks after it can be missing
+            # (a prompt's blocks are mostly hits; checking each costs the event loop a store round trip).
+            task.persisted = task.done.cached_tokens // self._geometry.block_tokens
             task.decoding = True
             self._spawn(task.outbox.close())
             self._advance(task, task.done.first_token)
@@ -417,11 +420,9 @@ class DecodeEngine:
                 start = len(task.hashes) * block_tokens
                 parent = task.hashes[-1] if task.hashes else self._root
                 task.hashes.append(hashing.block_hash(parent, tokens[start : start + block_tokens]))
-            missing = [
-                index
-                for index in range(task.persisted, len(task.hashes))
-                if not await self._reads.store.contains(task.hashes[index])
-            ]
+            candidates = range(task.persisted, len(task.hashes))
+            present = await self._reads.store.stored([task.hashes[index] for index in candidates])
+            missing = [index for index, there in zip(candidates, present, strict=True) if not there]
             if missing:
                 first, end = missing[0], missing[-1] + 1
                 try:

@@ -36,7 +36,7 @@ import os
 import struct
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -84,6 +84,9 @@ class FilesystemStore(storage.BlockStore):
 
     async def contains(self, block: hashing.BlockHash) -> bool:
         return await self._run(self.path_of(block).exists)
+
+    async def stored(self, blocks: Sequence[hashing.BlockHash]) -> list[bool]:
+        return await self._run(lambda: [self.path_of(block).exists() for block in blocks])
 
     async def delete(self, block: hashing.BlockHash) -> None:
         await self._run(self._unlink, self.path_of(block))

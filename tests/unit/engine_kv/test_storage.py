@@ -46,6 +46,7 @@ async def test_round_trip_and_idempotent_write(backend: str, tmp_path: Path) -> 
         got = await store.read(name(1))
         assert got is not None and got.shape == GEO.full_shape and np.array_equal(got, data)
         assert await store.longest_stored_prefix([name(1), name(2), name(1)]) == 1
+        assert await store.stored([name(2), name(1), name(2)]) == [False, True, False]
         m = store.metrics
         assert m.value("dualpath_engine_kv_block_reads", result="hit") == 1
         assert m.value("dualpath_engine_kv_block_reads", result="absent") == 1

@@ -170,11 +170,22 @@ async def test_second_turn_hits_on_either_read_path_and_matches_recompute(
     pair: Pair = pair_factory()
     prompt = tok.encode("first turn of a session that will be continued", bos=True)
     first = await pair.generate("t1", prompt, 10, "pe")
+    checked: list[list[hashing.BlockHash]] = []
+    stored = pair.store.stored
+
+    async def recording(blocks: list[hashing.BlockHash]) -> list[bool]:
+        checked.append(list(blocks))
+        return await stored(blocks)
+
+    pair.store.stored = recording  # type: ignore[method-assign]
     prompt2 = [*prompt, *first, *tok.encode(" second turn")]
     second = await pair.generate("t2", prompt2, 10, side)  # type: ignore[arg-type]
     assert second == llama.greedy_reference(pair.model, prompt2, 10)
     cached = next(e.cached_tokens for e in pair.events if e.task_id == "t2" and e.prefill_done)
     assert cached == (len(prompt) + len(first) - 1) // BLOCK * BLOCK
+    # Persistence asks storage only about the blocks after the hit prefix just read from it.
+    hit_blocks = set(hashing.chain_hashes(prompt2, BLOCK, pair.root)[: cached // BLOCK])
+    assert checked and not hit_blocks & {block for call in checked for block in call}
     de_layers = [m for m in pair.links.sent if isinstance(m, messages.DeLayer) and m.task_id == "t2"]
     pe_layers = [m for m in pair.links.sent if isinstance(m, messages.PeLayer) and m.task_id == "t2"]
     if side == "de":
