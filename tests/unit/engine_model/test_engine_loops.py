@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 import pytest
@@ -173,7 +173,7 @@ async def test_second_turn_hits_on_either_read_path_and_matches_recompute(
     checked: list[list[hashing.BlockHash]] = []
     stored = pair.store.stored
 
-    async def recording(blocks: list[hashing.BlockHash]) -> list[bool]:
+    async def recording(blocks: Sequence[hashing.BlockHash]) -> list[bool]:
         checked.append(list(blocks))
         return await stored(blocks)
 
