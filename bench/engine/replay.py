@@ -330,12 +330,22 @@ async def online(
         "slo": {"ttft_mean_s": ttft_slo, "tpot_mean_s": tpot_slo, "paper_ttft_mean_s": cfg.ttft_slo_s},
         "modes": results,
     }
+    return {**out, **online_ratios(results)}
+
+
+def online_ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """From each mode's capacity search: capacity DualPath / Basic (None unless both ran), the same for
+    DualPath with split reads, the decode step at equal batch at every rate both ran, and the bounds of
+    the capacity ratio when both searches found a failing rate."""
+    out: dict[str, Any] = {}
     basic = results.get("basic", {})
     dual = results.get("dualpath", {})
     basic_within, dual_within = basic.get("capacity_rate", 0.0), dual.get("capacity_rate", 0.0)
-    out["capacity_dualpath_over_basic"] = dual_within / basic_within if basic_within else None
+    # A ratio only where both modes ran in this process (one mode per process is a valid run too).
+    both = bool(basic) and bool(dual) and basic_within > 0
+    out["capacity_dualpath_over_basic"] = dual_within / basic_within if both else None
     split_within = results.get("dualpath-split", {}).get("capacity_rate")
-    if split_within is not None and basic_within:
+    if split_within is not None and basic and basic_within:
         out["capacity_dualpath_split_over_basic"] = split_within / basic_within
     shared = {
         step["rate"]: (step, other)

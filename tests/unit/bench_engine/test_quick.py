@@ -222,3 +222,26 @@ def test_offline_ratios_flag_modes_that_reused_different_shares_of_the_context()
 def _offline(runs: dict[str, Any]) -> dict[str, Any]:
     modes = {mode: {**r, "ttft_s": {"mean": 0.1}, "failed_requests": 0} for mode, r in runs.items()}
     return {"name": "1P2D", "ideal_ratio": 3.0, "requests": 10, "modes": modes}
+
+
+def test_online_ratios_need_both_modes_and_bound_the_capacity_ratio() -> None:
+    def step(rate: float, ok: bool, step_ms: float) -> dict[str, Any]:
+        batches = {"1": {"steps": 500, "tokens": 500, "step_ms": step_ms}}
+        return {"rate": rate, "within_slo": ok, "decode_by_batch": batches}
+
+    basic = {
+        "capacity_rate": 0.1,
+        "beyond_rate": 0.15,
+        "steps": [step(0.1, True, 1.6), step(0.15, False, 1.7)],
+    }
+    dual = {"capacity_rate": 0.5, "beyond_rate": 0.55, "steps": [step(0.1, True, 1.68), step(0.5, True, 1.7)]}
+    # One mode per process (two GPU pairs side by side): no ratio from a lone ladder, not 0.
+    alone = replay.online_ratios({"basic": basic})
+    assert alone["capacity_dualpath_over_basic"] is None
+    slo = {"ttft_mean_s": 0.25, "tpot_mean_s": 0.05}
+    text = "\n".join(report.online({"topology": "1P2D", "slo": slo, "modes": {}, **alone}))
+    assert "Capacity DualPath / Basic = -" in text
+    ratios = replay.online_ratios({"basic": basic, "dualpath": dual})
+    assert ratios["capacity_dualpath_over_basic"] == pytest.approx(5.0)
+    assert ratios["capacity_ratio_bounds"] == pytest.approx([0.5 / 0.15, 0.55 / 0.1])
+    assert ratios["decode_step_equal_batch_by_rate"] == {"0.1": pytest.approx(1.05)}  # the one shared rate
