@@ -1,10 +1,11 @@
 """``python -m bench`` (``make bench``): the CPU benchmarks: the cluster simulator and the decision cost.
 
 Runs the simulator scenarios of ``bench.sim.scenarios`` (Fig. 8 relations, storage-NIC balance, one
-degraded storage NIC, Auto ratio vs static ratios, full scale) and the scheduler decision cost of
-``bench.decision_cost``, prints every table, and with ``--write-docs`` rewrites the "Simulator" and
-"Scheduler decision cost" sections of docs/benchmarks.md (other sections are kept). Exits 1 when a
-paper relation (Fig. 8) does not hold, so CI notices; other comparisons are reported as findings.
+degraded storage NIC, Auto ratio vs static ratios, online capacity, full scale) and the scheduler
+decision cost of ``bench.decision_cost``, prints every table, and with ``--write-docs`` rewrites the
+"Simulator" and "Scheduler decision cost" sections of docs/benchmarks.md (other sections are kept).
+Exits 1 when a paper relation (Fig. 8) does not hold, so CI notices; other comparisons are reported
+as findings.
 ``--quick`` runs everything at a small size (seconds).
 """
 
@@ -75,10 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         size = scenarios.Size(agents=96, window_turns=3, seed=args.seed)
         auto_size = size
+        online = scenarios.Online(
+            rates=(8.0, 32.0, 128.0), duration_s=40.0, warmup_s=15.0, window_turns=4, refine=1, seed=args.seed
+        )
         scale_agents = min(args.scale_agents, 512)
     else:
         size = scenarios.Size(agents=args.agents, window_turns=args.turns, seed=args.seed)
         auto_size = scenarios.Size(agents=args.agents, window_turns=2 * args.turns, seed=args.seed)
+        online = scenarios.Online(seed=args.seed)
         scale_agents = args.scale_agents
     started = time.perf_counter()
     reports = [
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         scenarios.balance(size),
         scenarios.degraded(size),
         scenarios.auto_ratio(auto_size),
+        scenarios.online(online),
     ]
     if scale_agents:
         reports.append(scenarios.scale(scale_agents))

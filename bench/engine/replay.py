@@ -16,6 +16,7 @@ import statistics
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from bench import capacity
 from bench.engine import cluster, settings
 from dualpath_engine.engine import prefill
 from dualpath_engine.workload import replay as workload
@@ -262,27 +263,15 @@ async def search_capacity(
     rates: Sequence[float], refine: int, measure: Callable[[float], Awaitable[dict[str, Any]]]
 ) -> Capacity:
     """Climb the ascending ``rates`` until a step breaks the SLO (``measure(rate)["within_slo"]``), then
-    bisect ``refine`` times between the highest passing and the first failing rate."""
+    bisect ``refine`` times between the highest passing and the first failing rate
+    (:class:`bench.capacity.Ladder`)."""
     steps: list[dict[str, Any]] = []
-    within, beyond = 0.0, None
-    for rate in rates:
+    search = capacity.Ladder(rates, refine)
+    while (rate := search.next_rate()) is not None:
         step = await measure(rate)
         steps.append(step)
-        if not step["within_slo"]:
-            beyond = rate
-            break
-        within = rate
-    for _ in range(refine):
-        if beyond is None:
-            break
-        rate = round((within + beyond) / 2, 4)
-        step = await measure(rate)
-        steps.append(step)
-        if step["within_slo"]:
-            within = rate
-        else:
-            beyond = rate
-    return Capacity(steps, within, beyond)
+        search.record(rate, within_slo=bool(step["within_slo"]))
+    return Capacity(steps, search.within, search.beyond)
 
 
 def slo(cfg: settings.ReplaySettings) -> tuple[float, float]:

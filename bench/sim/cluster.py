@@ -132,8 +132,11 @@ class Simulation:
 
     def run(self) -> RunResult:
         """Replay every agent's turns to the end (or ``max_sim_seconds``) and measure."""
-        for index in range(len(self.agents)):
-            self._next_turn(index)
+        for index, agent in enumerate(self.agents):
+            if agent.start_s > 0:
+                self.at(agent.start_s, functools.partial(self._next_turn, index))
+            else:
+                self._next_turn(index)
         if self.cfg.rebalance_interval_s is not None:
             self.at(self.cfg.rebalance_interval_s, self._interval)
         while self._heap:

@@ -40,6 +40,8 @@ class Agent:
     agent_id: str
     stored_context: int
     turns: tuple[Turn, ...]
+    start_s: float = 0.0
+    """When the agent's first turn arrives (0: at the start of the run, as the offline replays)."""
 
 
 def trajectory_lengths(shape: trace.TraceShape, rng: random.Random) -> list[Turn]:
