@@ -393,9 +393,11 @@ class PrefillEngine:
         )
 
     def _count_task(self, task: _Task, computed: float) -> None:
-        """Add a completed task's time to :attr:`task_seconds`, by part."""
+        """Add a completed task's time to :attr:`task_seconds`, by part (a task completes only after it
+        was ready and ran, so both times are set; accounting never stands in the way of reporting)."""
         if task.ready_at is None or task.started_at is None:
-            raise RuntimeError(f"{task.task_id}: completed without being ready and run")
+            log.warning("%s: completed without ready/start times; not counted in task_seconds", task.task_id)
+            return
         parts = {
             "read": task.ready_at - task.assigned_at,
             "queue": task.started_at - task.ready_at,
