@@ -114,13 +114,15 @@ class FilesystemStore(storage.BlockStore):
         final = self.path_of(block)
         return final.parent / f".{final.name}{CLAIM_SUFFIX}"
 
-    async def _claim(self, block: hashing.BlockHash, now: float) -> bool:
+    async def _claim(self, block: hashing.BlockHash, now: float) -> storage.Claim:
         return await self._run(self._claim_sync, block, now)
 
     async def _release_claim(self, block: hashing.BlockHash) -> None:
         await self._run(self._release_claim_sync, block)
 
-    def _claim_sync(self, block: hashing.BlockHash, now: float) -> bool:
+    def _claim_sync(self, block: hashing.BlockHash, now: float) -> storage.Claim:
+        if self.path_of(block).exists():
+            return storage.Claim.STORED
         path = self.claim_path(block)
         path.parent.mkdir(parents=True, exist_ok=True)
         for _attempt in range(2):
@@ -132,15 +134,15 @@ class FilesystemStore(storage.BlockStore):
                 except FileNotFoundError:
                     continue  # released meanwhile: try again
                 if age < storage.CLAIM_TTL_S:
-                    return False
+                    return storage.Claim.ELSEWHERE
                 self._unlink(path)  # its writer died: take it over
                 continue
             try:
                 _write_all(fd, memoryview(self._token))
             finally:
                 os.close(fd)
-            return True
-        return False
+            return storage.Claim.TAKEN
+        return storage.Claim.ELSEWHERE  # lost the race for a claim twice: another writer has it
 
     def _release_claim_sync(self, block: hashing.BlockHash) -> None:
         path = self.claim_path(block)

@@ -40,6 +40,17 @@ class ReadResult(enum.Enum):
     """Present but corrupt, torn or of another geometry; the output buffer must not be used."""
 
 
+class Claim(enum.Enum):
+    """What asking to write a block found (:meth:`BlockStore.claim`)."""
+
+    TAKEN = "taken"
+    """The caller holds the claim: write the block, then release it."""
+    STORED = "stored"
+    """The block exists already: nothing to write."""
+    ELSEWHERE = "elsewhere"
+    """Another writer holds a live claim: it writes and reports the block."""
+
+
 class InvalidReason(enum.Enum):
     """Why a stored block was rejected."""
 
@@ -148,13 +159,12 @@ class BlockStore(abc.ABC):
     async def claim(self, block: hashing.BlockHash) -> bool:
         """Reserve the write of ``block``: True if the caller should write it (not stored, no live claim
         of another writer), then the caller writes and calls :meth:`release_claim`; False otherwise
-        (counted as ``claimed`` when another writer holds it)."""
-        if await self.contains(block):
-            return False
-        if await self._claim(block, time.time()):
-            return True
-        self.metrics.writes.labels("claimed").inc()
-        return False
+        (counted as ``claimed`` when another writer holds it). One backend call: the existence check
+        and the claim run together."""
+        outcome = await self._claim(block, time.time())
+        if outcome is Claim.ELSEWHERE:
+            self.metrics.writes.labels("claimed").inc()
+        return outcome is Claim.TAKEN
 
     async def release_claim(self, block: hashing.BlockHash) -> None:
         """End this store's claim of ``block`` (after writing it, or giving up)."""
@@ -188,8 +198,9 @@ class BlockStore(abc.ABC):
     async def _write(self, block: hashing.BlockHash, flat: layout.ByteArray) -> bool: ...
 
     @abc.abstractmethod
-    async def _claim(self, block: hashing.BlockHash, now: float) -> bool:
-        """Take the claim of ``block`` unless another holder's claim is younger than ``CLAIM_TTL_S``."""
+    async def _claim(self, block: hashing.BlockHash, now: float) -> Claim:
+        """``STORED`` if the block exists, else take its claim unless another holder's claim is younger
+        than ``CLAIM_TTL_S`` (``ELSEWHERE``)."""
 
     @abc.abstractmethod
     async def _release_claim(self, block: hashing.BlockHash) -> None: ...
@@ -227,11 +238,13 @@ class MemoryStore(BlockStore):
         self._blocks[block] = flat.tobytes()
         return True
 
-    async def _claim(self, block: hashing.BlockHash, now: float) -> bool:
+    async def _claim(self, block: hashing.BlockHash, now: float) -> Claim:
+        if block in self._blocks:
+            return Claim.STORED
         if now - self._claims.get(block, -CLAIM_TTL_S) < CLAIM_TTL_S:
-            return False
+            return Claim.ELSEWHERE
         self._claims[block] = now
-        return True
+        return Claim.TAKEN
 
     async def _release_claim(self, block: hashing.BlockHash) -> None:
         self._claims.pop(block, None)
