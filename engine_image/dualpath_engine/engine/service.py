@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import aiohttp
 import prometheus_client
@@ -111,51 +111,53 @@ class _Roles:
         )
         persisted.add_metric([], self.de.persisted_blocks)
         yield persisted
-        step = core.CounterMetricFamily(
+        yield _by_label(
             "dualpath_engine_decode_step_seconds",
             "Decode-step time by part: the model's decode (compute), waiting on the device thread behind "
             "KV loads and read-backs (queue), the event loop between steps (host).",
-            labels=["part"],
+            "part",
+            self.de.step_seconds,
         )
-        for part, seconds in self.de.step_seconds.items():
-            step.add_metric([part], seconds)
-        yield step
-        batch_steps = core.CounterMetricFamily(
+        yield _by_label(
             "dualpath_engine_decode_batch_steps",
             "Decode steps by batch size (1, 2, then power-of-two ranges 3-4, 5-8, ...).",
-            labels=["batch"],
+            "batch",
+            self.de.batch_steps,
         )
-        batch_seconds = core.CounterMetricFamily(
+        yield _by_label(
+            "dualpath_engine_decode_batch_tokens",
+            "Tokens decoded by batch size (a step of n sequences decodes n).",
+            "batch",
+            self.de.batch_tokens,
+        )
+        yield _by_label(
             "dualpath_engine_decode_batch_step_seconds",
             "Decode-step time (compute + queue + host) by batch size; over decode_batch_steps_total, the "
             "mean step time at that batch size (comparable across read modes, unlike TPOT).",
-            labels=["batch"],
+            "batch",
+            self.de.batch_seconds,
         )
-        batch_tokens = core.CounterMetricFamily(
-            "dualpath_engine_decode_batch_tokens",
-            "Tokens decoded by batch size (a step of n sequences decodes n).",
-            labels=["batch"],
-        )
-        for bucket, count in self.de.batch_steps.items():
-            batch_steps.add_metric([bucket], count)
-            batch_tokens.add_metric([bucket], self.de.batch_tokens[bucket])
-            batch_seconds.add_metric([bucket], self.de.batch_seconds[bucket])
-        yield from (batch_steps, batch_tokens, batch_seconds)
         tasks_done = core.CounterMetricFamily(
             "dualpath_engine_prefill_tasks", "Prefill tasks completed (their KV reached the decode engine)."
         )
         tasks_done.add_metric([], self.pe.tasks_done)
-        task_seconds = core.CounterMetricFamily(
+        yield tasks_done
+        yield _by_label(
             "dualpath_engine_prefill_task_seconds",
             "Completed prefill tasks' time from assignment to PrefillDone delivered, by part: read (both "
             "read paths reported the hit blocks), queue (until the first forward batch), compute (forward "
             "batches, DE-layer waits included), send (KV flushed to the decode engine).",
-            labels=["part"],
+            "part",
+            self.pe.task_seconds,
         )
-        for part, seconds in self.pe.task_seconds.items():
-            task_seconds.add_metric([part], seconds)
-        yield tasks_done
-        yield task_seconds
+
+
+def _by_label(name: str, doc: str, label: str, values: Mapping[str, float]) -> core.CounterMetricFamily:
+    """A counter family with one series per ``values`` key (the key is the ``label`` value)."""
+    family = core.CounterMetricFamily(name, doc, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
 
 
 TransportFactory = Callable[[base.Nic, base.TransportMetrics], base.Transport]
