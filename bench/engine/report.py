@@ -138,7 +138,8 @@ def offline(data: dict[str, Any]) -> list[str]:
     if spread > 0.05:
         lines.append(
             f"- **not comparable**: the modes' hit ratios differ by {spread:.2f}, so the JCT ratio mixes "
-            "read speed with recomputation (next turns arrived before the previous KV was persisted)"
+            "read speed with recomputation (one way: next turns that arrive before the previous turn's KV is "
+            "persisted recompute it)"
         )
     return lines
 
